@@ -1,0 +1,247 @@
+"""Reading a Hugging Face checkpoint folder: config.json, safetensors weights (single or sharded), tokenizer.
+
+Weights stream one tensor at a time under kilnlm's parameter names (HF's without the "model." prefix).
+Pickle files (`pytorch_model.bin`) can execute code when loaded, so they are refused unless the caller
+allows them, and even then are read with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kilnlm.errors import CheckpointError, PickleRefusedError, UnsupportedModelError
+from kilnlm.runtime.config import ModelConfig, RopeScaling
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ROPE_FIELDS = {
+    "factor": float,
+    "original_max_position_embeddings": int,
+    "low_freq_factor": float,
+    "high_freq_factor": float,
+    "beta_fast": float,
+    "beta_slow": float,
+    "mscale": float,
+    "mscale_all_dim": float,
+    "attention_factor": float,
+    "truncate": bool,
+}
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Parse a JSON object from `path`, raising CheckpointError naming the file when it is missing or malformed."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _require(raw: dict[str, Any], key: str, source: str) -> Any:
+    if raw.get(key) is None:
+        raise CheckpointError(f"{source}: required field {key!r} is missing")
+    return raw[key]
+
+
+def _architecture(raw: dict[str, Any], source: str) -> str:
+    names = raw.get("architectures") or []
+    for name in names:
+        if name in ARCHITECTURES:
+            return ARCHITECTURES[name]
+    found = ", ".join(names) or f"model_type {raw.get('model_type')!r}"
+    raise UnsupportedModelError(
+        f"{source}: architecture {found} is not supported; supported: {', '.join(ARCHITECTURES)}"
+    )
+
+
+def _rope_scaling(raw: dict[str, Any], source: str) -> tuple[float, RopeScaling]:
+    # transformers >= 5 writes "rope_parameters" (with rope_theta inside); older files "rope_scaling" + "rope_theta".
+    params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    theta = float(params.get("rope_theta") or raw.get("rope_theta") or 10000.0)
+    kind = params.get("rope_type") or params.get("type") or "default"
+    if kind not in ("default", "linear", "dynamic", "yarn", "llama3"):
+        raise UnsupportedModelError(
+            f"{source}: rope scaling type {kind!r} is not supported; supported: default, linear, dynamic, yarn, llama3"
+        )
+    fields = {key: cast(params[key]) for key, cast in _ROPE_FIELDS.items() if params.get(key) is not None}
+    if kind in ("linear", "dynamic", "llama3") and "factor" not in fields:
+        raise CheckpointError(f"{source}: rope scaling {kind!r} needs a 'factor'")
+    return theta, RopeScaling(type=kind, **fields)
+
+
+def _sliding_window(raw: dict[str, Any], arch: str, num_layers: int) -> tuple[int | None, tuple[bool, ...]]:
+    window = raw.get("sliding_window")
+    if arch == "llama" or window is None:
+        return None, ()
+    layer_types = raw.get("layer_types")
+    if layer_types:
+        flags = tuple(kind == "sliding_attention" for kind in layer_types)
+        return (int(window), flags) if any(flags) else (None, ())
+    if arch == "qwen2":
+        # Qwen2 only slides when asked, and then only from layer max_window_layers upwards.
+        if not raw.get("use_sliding_window", False):
+            return None, ()
+        first = int(raw.get("max_window_layers", 0))
+        return int(window), tuple(i >= first for i in range(num_layers))
+    return int(window), ()
+
+
+def parse_hf_config(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """Build a ModelConfig from the contents of a Hugging Face config.json."""
+    arch = _architecture(raw, source)
+    if arch == "llama" and (raw.get("attention_bias") or raw.get("mlp_bias")):
+        raise UnsupportedModelError(f"{source}: Llama checkpoints with attention_bias or mlp_bias are not supported")
+    hidden = int(_require(raw, "hidden_size", source))
+    heads = int(_require(raw, "num_attention_heads", source))
+    layers = int(_require(raw, "num_hidden_layers", source))
+    theta, scaling = _rope_scaling(raw, source)
+    window, window_layers = _sliding_window(raw, arch, layers)
+    try:
+        return ModelConfig(
+            architecture=arch,
+            vocab_size=int(_require(raw, "vocab_size", source)),
+            hidden_size=hidden,
+            intermediate_size=int(_require(raw, "intermediate_size", source)),
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=int(raw.get("head_dim") or hidden // heads),
+            max_position_embeddings=int(raw.get("max_position_embeddings") or 2048),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            sliding_window=window,
+            sliding_window_layers=window_layers,
+            attention_bias=arch == "qwen2",
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        )
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{source}: inconsistent model config ({err})") from None
+
+
+def internal_name(hf_name: str) -> str:
+    """kilnlm's parameter name for an HF tensor name (the one place this mapping lives)."""
+    return hf_name.removeprefix("model.")
+
+
+@dataclass
+class HFCheckpoint:
+    """An opened HF checkpoint folder: its config and a lazy view of its weight files."""
+
+    folder: Path
+    config: ModelConfig
+    weight_files: list[Path]
+    is_pickle: bool
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (kilnlm name, tensor) one at a time, skipping lm_head when the embeddings are tied."""
+        for path in self.weight_files:
+            reader = _read_pickle if self.is_pickle else _read_safetensors
+            for hf_name, tensor in reader(path):
+                name = internal_name(hf_name)
+                if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                    continue
+                if tensor.dtype not in FLOAT_DTYPES:
+                    raise UnsupportedModelError(
+                        f"{path}: tensor {hf_name!r} has dtype {tensor.dtype}; only float32, float16 and "
+                        "bfloat16 checkpoints can be read (pre-quantized HF checkpoints are not supported)"
+                    )
+                yield name, tensor
+
+    def num_tensors(self) -> int:
+        """How many tensors the weight files hold (for progress bars)."""
+        if self.is_pickle:
+            return 0  # unknown without unpickling; progress is shown per file instead
+        from safetensors import safe_open
+
+        return sum(len(safe_open(str(p), framework="pt").keys()) for p in self.weight_files)
+
+    def tokenizer(self):
+        """The checkpoint's tokenizer (tokenizer.model or tokenizer.json)."""
+        from kilnlm.runtime.tokenizer import Tokenizer
+
+        return Tokenizer.from_hf_folder(self.folder)
+
+
+def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                yield key, handle.get_tensor(key)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: cannot read safetensors file ({err})") from None
+
+
+def _read_pickle(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch.load raises many types for bad or unsafe pickles
+        raise CheckpointError(f"{path}: cannot load with torch.load(weights_only=True): {err}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+    yield from ((k, v) for k, v in state.items() if isinstance(v, torch.Tensor))
+
+
+def _sharded(folder: Path, index_name: str) -> list[Path]:
+    index_path = folder / index_name
+    weight_map = read_json(index_path).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path}: no 'weight_map' in the index")
+    files = [folder / name for name in dict.fromkeys(weight_map.values())]
+    for path in files:
+        if not path.is_file():
+            raise CheckpointError(f"{index_path}: shard {path.name} is listed but missing from {folder}")
+    return files
+
+
+def _weight_files(folder: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"], False
+    if (folder / "model.safetensors.index.json").is_file():
+        return _sharded(folder, "model.safetensors.index.json"), False
+    pickles = []
+    if (folder / "pytorch_model.bin").is_file():
+        pickles = [folder / "pytorch_model.bin"]
+    elif (folder / "pytorch_model.bin.index.json").is_file():
+        pickles = _sharded(folder, "pytorch_model.bin.index.json")
+    if pickles and not allow_pickle:
+        raise PickleRefusedError(
+            f"{folder}: only pickle weights ({pickles[0].name}) were found. Pickle files can run arbitrary code "
+            "when loaded, so kilnlm refuses them by default; pass --allow-pickle (allow_pickle=True) if you "
+            "trust this checkpoint, or convert it to safetensors"
+        )
+    if pickles:
+        return pickles, True
+    raise CheckpointError(
+        f"{folder}: no weights found (looked for model.safetensors, model.safetensors.index.json, "
+        "pytorch_model.bin, pytorch_model.bin.index.json)"
+    )
+
+
+def open_hf_checkpoint(folder: str | Path, *, allow_pickle: bool = False) -> HFCheckpoint:
+    """Open an HF checkpoint folder: parse config.json and locate (but do not read) its weights."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a directory (expected a Hugging Face checkpoint folder)")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{folder}: config.json is missing; this does not look like a Hugging Face checkpoint")
+    config = parse_hf_config(read_json(config_path), source=str(config_path))
+    files, is_pickle = _weight_files(folder, allow_pickle)
+    return HFCheckpoint(folder=folder, config=config, weight_files=files, is_pickle=is_pickle)

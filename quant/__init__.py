@@ -1,0 +1,1 @@
+"""Quantization: format registry and algorithms (RTN, GPTQ, LLM.int8) arrive with their issues."""

@@ -1,0 +1,131 @@
+"""The Llama family in one file: Llama 1/2/3, Mistral (sliding window) and Qwen2 (qkv bias).
+
+Reads top to bottom like the paper: token embedding, N x [RMSNorm -> GQA attention with RoPE -> residual,
+RMSNorm -> SwiGLU MLP -> residual], final RMSNorm, LM head. Every op comes from `kilnlm.kernels`.
+Parameter names follow Hugging Face's (without the "model." prefix), so readers map names in one place.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kilnlm import kernels
+from kilnlm.runtime.cache import Cache, DenseKVCache
+from kilnlm.runtime.config import ModelConfig
+from kilnlm.runtime.rope import RotaryEmbedding
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm with a learned scale."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention (MHA when kv heads == heads, MQA when there is one kv head)."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.window = config.window_for_layer(layer)
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Cache | None
+    ) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
+        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = kernels.apply_rotary(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, D): every position so far
+        out = kernels.attention(q, k, v, window=self.window)  # (B, Hq, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(kernels.silu_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Cache | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """A decoder-only Llama-family language model."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config)
+
+    def forward(
+        self, input_ids: torch.Tensor, cache: Cache | None = None, *, last_logits_only: bool = False
+    ) -> torch.Tensor:
+        """Logits (B, T, V) in fp32 for input_ids (B, T), placed after the positions already in `cache`."""
+        length = input_ids.shape[1]
+        start = 0
+        if cache is not None:
+            cache.check_room(length)
+            start = cache.length
+        cos, sin = self.rotary(start, length)
+        x = self.embed_tokens(input_ids)  # (B, T, H)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache)
+        if cache is not None:
+            cache.commit(input_ids[0].tolist())
+        if last_logits_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(x, head).float()
+
+    def new_cache(self, capacity: int, batch: int = 1) -> DenseKVCache:
+        """A KV cache for up to `capacity` positions, on the model's device and in its dtype."""
+        weight = self.embed_tokens.weight
+        return DenseKVCache(
+            self.config.num_layers,
+            self.config.num_kv_heads,
+            self.config.head_dim,
+            capacity,
+            batch=batch,
+            dtype=weight.dtype,
+            device=weight.device,
+        )
