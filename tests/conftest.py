@@ -23,6 +23,9 @@ TINY = dict(
 )
 
 
+TOKENIZER_VOCAB = 320
+
+
 @pytest.fixture
 def shared_dir() -> Path:
     """The team's ../shared data folder; tests that need it are skipped in a plain clone."""
@@ -53,12 +56,15 @@ def sp_tokenizer_files(tmp_path_factory) -> Path:
     spm = pytest.importorskip("sentencepiece")
     folder = tmp_path_factory.mktemp("sp_tokenizer")
     text = folder / "corpus.txt"
-    lines = [f"Once upon a time there was a little {w} who liked to {v} in the {p}."
-             for w in ("cat", "dog", "girl", "boy", "bird") for v in ("play", "run", "sing", "read")
-             for p in ("garden", "park", "house", "forest")]
-    text.write_text("\n".join(lines) * 3, encoding="utf-8")
+    lines = [f"Once upon a time there was a little {w} who liked to {v} in the {p}. {w.title()}s {v} {n} times."
+             for w in ("cat", "dog", "girl", "boy", "bird", "fox", "king", "queen")
+             for v in ("play", "run", "sing", "read", "jump", "swim")
+             for p in ("garden", "park", "house", "forest", "river")
+             for n in ("two", "three", "seven")]
+    text.write_text("\n".join(lines), encoding="utf-8")
+    # byte_fallback needs 256 byte pieces; the rest are learned merges.
     spm.SentencePieceTrainer.train(
-        input=str(text), model_prefix=str(folder / "tokenizer"), vocab_size=120, model_type="bpe",
+        input=str(text), model_prefix=str(folder / "tokenizer"), vocab_size=TOKENIZER_VOCAB, model_type="bpe",
         byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2,
     )
     (folder / "tokenizer_config.json").write_text(

@@ -1,0 +1,191 @@
+"""`kiln`: the command line. It parses arguments and calls the library; nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+from kilnlm.errors import KilnError
+
+GENERATE_EXAMPLE = """example:
+  kiln generate ./Llama-3.2-1B -p "The capital of France is" --max-tokens 32 --temperature 0
+"""
+CHAT_EXAMPLE = """example:
+  kiln chat ./Qwen2-0.5B-Instruct --system "You are terse."
+  (inside the chat: /reset clears the conversation, /exit quits, Ctrl-C stops the current answer)
+"""
+DEMO_EXAMPLE = """example:
+  kiln demo --prompt "ROMEO:" --max-tokens 200
+"""
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bf16 or fp16 (auto: fp32 on CPU, bf16 on CUDA)")
+    parser.add_argument("--ctx", type=int, default=None, help="context length in tokens (default: model's, at most 4096)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="allow loading pytorch_model.bin pickle weights (only for checkpoints you trust)")
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser, temperature: float) -> None:
+    parser.add_argument("--max-tokens", "-n", type=int, default=256, help="most new tokens to generate (default: 256)")
+    parser.add_argument("--temperature", "-t", type=float, default=temperature,
+                        help=f"sampling temperature, 0 is greedy (default: {temperature})")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
+    parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability")
+    parser.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty (1.0: off)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    parser.add_argument("--stop", action="append", default=[], help="stop when this string appears (repeatable)")
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k,
+        "top_p": args.top_p, "min_p": args.min_p, "repetition_penalty": args.repeat_penalty,
+        "seed": args.seed, "stop": args.stop,
+    }
+
+
+def _load(args: argparse.Namespace, model: str | None):
+    from kilnlm.runtime.engine import Engine, demo_model_path
+
+    path = model or demo_model_path()
+    started = time.perf_counter()
+    engine = Engine.load(path, device=args.device, dtype=args.dtype, context_length=args.ctx,
+                         allow_pickle=args.allow_pickle)
+    params = sum(p.numel() for p in engine.model.parameters())
+    _info(f"loaded {path} ({params / 1e6:.1f}M parameters, {engine.config.architecture}) "
+          f"in {time.perf_counter() - started:.2f}s")
+    return engine
+
+
+def _info(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _stream_to_stdout(pieces: Iterator[str]) -> None:
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+
+def _report(engine) -> None:
+    stats = engine.last_stats
+    _info(f"[{stats.prompt_tokens} prompt tokens ({stats.reused_tokens} cached), {stats.generated_tokens} generated, "
+          f"prefill {stats.prefill_tokens_per_second:.1f} tok/s, decode {stats.decode_tokens_per_second:.1f} tok/s, "
+          f"stopped: {stats.finish_reason}]")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """kiln generate: continue a prompt; only the generated text goes to stdout."""
+    engine = _load(args, args.model)
+    _stream_to_stdout(engine.generate(args.prompt, stream=True, **_sampling_kwargs(args)))
+    sys.stdout.write("\n")
+    _report(engine)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """kiln demo: generate with the bundled model and report the speed."""
+    engine = _load(args, None)
+    _stream_to_stdout(engine.generate(args.prompt, stream=True, **_sampling_kwargs(args)))
+    sys.stdout.write("\n")
+    stats = engine.last_stats
+    print(f"[demo] {stats.generated_tokens} tokens, decode {stats.decode_tokens_per_second:.1f} tokens/s, "
+          f"prefill {stats.prefill_tokens_per_second:.1f} tokens/s on {args.device}", flush=True)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """kiln chat: an interactive, streaming conversation that reuses the KV cache across turns."""
+    engine = _load(args, args.model)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    _info("chat ready: type a message; /reset clears the conversation, /exit quits, Ctrl-C stops an answer")
+    while True:
+        line = _read_user_line()
+        if line is None or line.strip() == "/exit":
+            return 0
+        if line.strip() == "/reset":
+            messages = list(system)
+            engine.reset()
+            _info("(conversation cleared)")
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        messages.append({"role": "assistant", "content": _answer(engine, messages, args)})
+
+
+def _read_user_line() -> str | None:
+    try:
+        return input("> " if sys.stdin.isatty() else "")
+    except (EOFError, KeyboardInterrupt):
+        return None
+
+
+def _answer(engine, messages: list[dict], args: argparse.Namespace) -> str:
+    pieces: list[str] = []
+    try:
+        for piece in engine.chat(messages, stream=True, **_sampling_kwargs(args)):
+            pieces.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        _info("\n(answer stopped)")
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    _report(engine)
+    return "".join(pieces)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every `kiln` subcommand."""
+    parser = argparse.ArgumentParser(prog="kiln", description="kilnlm: quantize and run LLMs locally.",
+                                     epilog="run `kiln COMMAND --help` for each command's options and an example",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable, help_text: str, example: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text, epilog=example,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub.set_defaults(func=func)
+        return sub
+
+    gen = add("generate", cmd_generate, "Continue a prompt with a model.", GENERATE_EXAMPLE)
+    gen.add_argument("model", help="Hugging Face checkpoint folder")
+    gen.add_argument("--prompt", "-p", required=True, help="text to continue")
+    _add_sampling_options(gen, temperature=0.8)
+    _add_model_options(gen)
+
+    chat = add("chat", cmd_chat, "Chat interactively with a model (the bundled demo model by default).", CHAT_EXAMPLE)
+    chat.add_argument("model", nargs="?", default=None, help="Hugging Face checkpoint folder (default: demo model)")
+    chat.add_argument("--system", default=None, help="system prompt")
+    _add_sampling_options(chat, temperature=0.7)
+    _add_model_options(chat)
+
+    demo = add("demo", cmd_demo, "Generate text with the bundled demo model and report tokens/s.", DEMO_EXAMPLE)
+    demo.add_argument("--prompt", "-p", default="ROMEO:", help="text to continue (default: ROMEO:)")
+    _add_sampling_options(demo, temperature=0.8)
+    demo.set_defaults(max_tokens=200, seed=0)
+    _add_model_options(demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `kiln` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KilnError as err:
+        print(f"kiln: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Engine: the public Python API. Load a model, then generate text or chat; no global state.
+
+    from kilnlm import Engine
+    engine = Engine.load("path/to/hf-folder", device="cpu")
+    print(engine.generate("Once upon a time", max_tokens=50, temperature=0))
+    for piece in engine.chat([{"role": "user", "content": "Hi"}], stream=True):
+        print(piece, end="")
+
+One engine holds one KV cache. Every call reuses the cached tokens its prompt starts with, so the next
+turn of a conversation only runs the new messages.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from kilnlm.errors import CheckpointError, KilnError
+from kilnlm.runtime.cache import Cache
+from kilnlm.runtime.chat import ChatTemplate
+from kilnlm.runtime.config import ModelConfig
+from kilnlm.runtime.generate import GenerationParams, GenerationStats, Generator
+from kilnlm.runtime.models import build_model
+from kilnlm.runtime.sampling import SamplingParams
+from kilnlm.runtime.tokenizer import Tokenizer
+
+DEFAULT_CONTEXT = 4096
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def demo_model_path() -> Path:
+    """The small model bundled with kilnlm (see runtime/demo_model/TRAINING.md)."""
+    return Path(__file__).resolve().parent / "demo_model"
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """'auto' is fp32 on the CPU and bf16 (fp16 where bf16 is unsupported) on CUDA."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise KilnError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class Engine:
+    """A loaded model with its tokenizer, chat template and KV cache."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Tokenizer,
+        *,
+        context_length: int,
+        chat_template: ChatTemplate | None = None,
+        source: str = "",
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.chat_template = chat_template or ChatTemplate(
+            tokenizer.chat_template, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token
+        )
+        self.source = source
+        self.last_stats = GenerationStats()
+        self._cache: Cache | None = None
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "auto",
+        context_length: int | None = None,
+        allow_pickle: bool = False,
+        progress: bool = True,
+    ) -> Engine:
+        """Load a Hugging Face checkpoint folder onto `device` in `dtype` ('auto', 'float32', 'bf16', ...)."""
+        from kilnlm.export.hf import open_hf_checkpoint
+
+        path = Path(path)
+        if path.is_file():
+            raise CheckpointError(f"{path}: is a file; pass a Hugging Face checkpoint folder")
+        device = _device(device)
+        checkpoint = open_hf_checkpoint(path, allow_pickle=allow_pickle)
+        tokenizer = checkpoint.tokenizer()
+        config = checkpoint.config
+        tensors = tqdm(
+            checkpoint.tensors(),
+            total=checkpoint.num_tensors() or None,
+            desc=f"loading {path.name}",
+            unit="tensor",
+            file=sys.stderr,
+            disable=not progress,
+            leave=False,
+        )
+        model = build_model(config, tensors, device=device, dtype=resolve_dtype(dtype, device), source=str(path))
+        return cls(model, tokenizer, context_length=_context_length(config, context_length), source=str(path))
+
+    @property
+    def config(self) -> ModelConfig:
+        """The model's architecture and sizes."""
+        return self.model.config
+
+    @property
+    def cache(self) -> Cache:
+        """The engine's KV cache, allocated on first use."""
+        if self._cache is None:
+            self._cache = self.model.new_cache(self.context_length)
+        return self._cache
+
+    def reset(self) -> None:
+        """Forget the cached conversation."""
+        if self._cache is not None:
+            self._cache.reset()
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        stream: bool = False,
+        add_bos: bool | None = None,
+        **options,
+    ) -> str | Iterator[str]:
+        """Continue `prompt` (text or token ids); options: max_tokens, temperature, top_k, top_p, min_p,
+        repetition_penalty, seed, stop, ignore_eos. Returns the text, or an iterator of pieces with stream=True."""
+        ids = self.tokenizer.encode(prompt, add_bos=add_bos) if isinstance(prompt, str) else list(prompt)
+        return self._run(ids, _generation_params(**options), stream)
+
+    def chat(self, messages: list[dict], *, stream: bool = False, **options) -> str | Iterator[str]:
+        """Answer the conversation `messages` ([{"role": ..., "content": ...}, ...]) as the assistant."""
+        ids = self.chat_prompt_ids(messages)
+        return self._run(ids, _generation_params(**options), stream)
+
+    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The conversation rendered with the chat template and tokenized, ready for the assistant's turn."""
+        text = self.chat_template.render(messages, add_generation_prompt=True)
+        bos = self.tokenizer.bos_token
+        # Templates usually write the BOS themselves; add one only when the tokenizer wants it and it is absent.
+        add_bos = self.tokenizer.add_bos and not (bos and text.startswith(bos))
+        return self.tokenizer.encode(text, add_bos=add_bos)
+
+    def _run(self, ids: list[int], params: GenerationParams, stream: bool) -> str | Iterator[str]:
+        generator = Generator(self.model, self.tokenizer, self.cache)
+        pieces = self._track(generator, generator.stream(ids, params))
+        return pieces if stream else "".join(pieces)
+
+    def _track(self, generator: Generator, pieces: Iterator[str]) -> Iterator[str]:
+        try:
+            yield from pieces
+        finally:
+            self.last_stats = generator.stats
+
+
+def _generation_params(
+    max_tokens: int = 256,
+    temperature: float = 0.8,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    stop: Sequence[str] | str = (),
+    ignore_eos: bool = False,
+) -> GenerationParams:
+    sampling = SamplingParams(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        repetition_penalty=repetition_penalty, seed=seed,
+    )
+    stops = (stop,) if isinstance(stop, str) else tuple(stop)
+    return GenerationParams(max_new_tokens=max_tokens, stop=stops, sampling=sampling, ignore_eos=ignore_eos)
+
+
+def _context_length(config: ModelConfig, requested: int | None) -> int:
+    if requested is None:
+        return min(config.max_position_embeddings, DEFAULT_CONTEXT)
+    if requested <= 0:
+        raise KilnError(f"context length must be positive, got {requested}")
+    return requested
+
+
+def _device(name: str | torch.device) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise KilnError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KilnError("device 'cuda' was asked for but this torch build sees no CUDA GPU; use --device cpu")
+    return device
