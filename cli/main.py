@@ -19,6 +19,18 @@ CHAT_EXAMPLE = """example:
 DEMO_EXAMPLE = """example:
   kiln demo --prompt "ROMEO:" --max-tokens 200
 """
+QUANTIZE_EXAMPLE = """examples:
+  kiln quantize ./Llama-3.2-1B -o llama1b-q8_0.gguf --type q8_0
+  kiln quantize model-f16.gguf -o model-q4_0.gguf --type q4_0
+"""
+INSPECT_EXAMPLE = """examples:
+  kiln inspect llama1b-q8_0.gguf
+  kiln inspect llama1b-q8_0.gguf --json > info.json
+"""
+TOKENIZE_EXAMPLE = """examples:
+  kiln tokenize ggml-vocab-llama-bpe.gguf --text "Hello world"
+  kiln tokenize ./Llama-3.2-1B --text "Hello world" --add-bos
+"""
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -142,6 +154,47 @@ def _answer(engine, messages: list[dict], args: argparse.Namespace) -> str:
     return "".join(pieces)
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """kiln quantize: write a GGUF file of the chosen type from an HF folder or a GGUF file."""
+    from tqdm import tqdm
+
+    from kilnlm.export.checkpoint import open_checkpoint
+    from kilnlm.export.gguf import write_gguf
+
+    checkpoint = open_checkpoint(args.source, allow_pickle=args.allow_pickle)
+    with tqdm(total=len(checkpoint.tensor_names()), desc=f"quantizing to {args.type}", unit="tensor",
+              file=sys.stderr) as bar:
+        def advance(name: str, ggml_type: str) -> None:
+            bar.set_postfix_str(f"{name} -> {ggml_type}", refresh=False)
+            bar.update()
+
+        summary = write_gguf(checkpoint, args.output, args.type, on_tensor=advance)
+    types = ", ".join(f"{count} {name}" for name, count in sorted(summary.types.items()))
+    print(f"wrote {summary.path}: {summary.file_bytes / 2**20:.2f} MiB, {summary.parameters / 1e6:.2f}M parameters, "
+          f"{summary.bits_per_weight:.2f} bits per weight, {summary.seconds:.1f}s ({types})")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """kiln inspect: a GGUF file's metadata and tensor table."""
+    import json
+
+    from kilnlm.export.inspect import describe_gguf, format_description
+
+    description = describe_gguf(args.file)
+    print(json.dumps(description, indent=2) if args.json else format_description(description))
+    return 0
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    """kiln tokenize: print token ids the way llama.cpp's .out files list them."""
+    from kilnlm.export.checkpoint import open_tokenizer
+
+    tokenizer = open_tokenizer(args.model)
+    print(" ".join(str(i) for i in tokenizer.encode(args.text, add_bos=args.add_bos)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every `kiln` subcommand."""
     parser = argparse.ArgumentParser(prog="kiln", description="kilnlm: quantize and run LLMs locally.",
@@ -156,13 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     gen = add("generate", cmd_generate, "Continue a prompt with a model.", GENERATE_EXAMPLE)
-    gen.add_argument("model", help="Hugging Face checkpoint folder")
+    gen.add_argument("model", help="Hugging Face checkpoint folder or GGUF file")
     gen.add_argument("--prompt", "-p", required=True, help="text to continue")
     _add_sampling_options(gen, temperature=0.8)
     _add_model_options(gen)
 
     chat = add("chat", cmd_chat, "Chat interactively with a model (the bundled demo model by default).", CHAT_EXAMPLE)
-    chat.add_argument("model", nargs="?", default=None, help="Hugging Face checkpoint folder (default: demo model)")
+    chat.add_argument("model", nargs="?", default=None,
+                      help="Hugging Face checkpoint folder or GGUF file (default: the demo model)")
     chat.add_argument("--system", default=None, help="system prompt")
     _add_sampling_options(chat, temperature=0.7)
     _add_model_options(chat)
@@ -172,6 +226,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_options(demo, temperature=0.8)
     demo.set_defaults(max_tokens=200, seed=0)
     _add_model_options(demo)
+
+    quantize = add("quantize", cmd_quantize, "Write a GGUF file (f32, f16, bf16, q8_0, q4_0, q4_1) from an HF "
+                   "folder or a GGUF file.", QUANTIZE_EXAMPLE)
+    quantize.add_argument("source", help="Hugging Face checkpoint folder or GGUF file")
+    quantize.add_argument("--output", "-o", required=True, help="GGUF file to write (replaced atomically)")
+    quantize.add_argument("--type", default="q8_0", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"],
+                          help="target type of the 2-D weights (default: q8_0)")
+    quantize.add_argument("--allow-pickle", action="store_true", help="allow reading pytorch_model.bin pickles")
+
+    inspect = add("inspect", cmd_inspect, "Show a GGUF file's metadata, tensors and size.", INSPECT_EXAMPLE)
+    inspect.add_argument("file", help="GGUF file")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    tokenize = add("tokenize", cmd_tokenize, "Print the token ids of a text.", TOKENIZE_EXAMPLE)
+    tokenize.add_argument("model", help="GGUF file (vocab-only files work) or Hugging Face folder")
+    tokenize.add_argument("--text", required=True, help="text to tokenize")
+    tokenize.add_argument("--add-bos", action="store_true", help="prepend the BOS token")
     return parser
 
 

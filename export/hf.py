@@ -148,13 +148,14 @@ class HFCheckpoint:
     is_pickle: bool
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (kilnlm name, tensor) one at a time, skipping lm_head when the embeddings are tied."""
+        """Yield (kilnlm name, tensor) for the model's parameters, one at a time, in file order."""
+        wanted = self._wanted()
         for path in self.weight_files:
             reader = _read_pickle if self.is_pickle else _read_safetensors
             for hf_name, tensor in reader(path):
                 name = internal_name(hf_name)
-                if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                    continue
+                if name not in wanted:
+                    continue  # tied lm_head copies, rotary inv_freq buffers and the like
                 if tensor.dtype not in FLOAT_DTYPES:
                     raise UnsupportedModelError(
                         f"{path}: tensor {hf_name!r} has dtype {tensor.dtype}; only float32, float16 and "
@@ -162,13 +163,22 @@ class HFCheckpoint:
                     )
                 yield name, tensor
 
-    def num_tensors(self) -> int:
-        """How many tensors the weight files hold (for progress bars)."""
+    def tensor_names(self) -> list[str]:
+        """kilnlm names of the parameters `tensors()` yields, in the same order (reads only file headers)."""
         if self.is_pickle:
-            return 0  # unknown without unpickling; progress is shown per file instead
-        from safetensors import safe_open
+            return [name for name, _ in self.tensors()]
+        wanted = self._wanted()
+        return [internal_name(k) for path in self.weight_files for k in _safetensors_keys(path)
+                if internal_name(k) in wanted]
 
-        return sum(len(safe_open(str(p), framework="pt").keys()) for p in self.weight_files)
+    def num_tensors(self) -> int:
+        """How many tensors `tensors()` yields (for progress bars)."""
+        return len(self.tensor_names())
+
+    def _wanted(self) -> set[str]:
+        from kilnlm.runtime.models import expected_shapes
+
+        return set(expected_shapes(self.config))
 
     def tokenizer(self):
         """The checkpoint's tokenizer (tokenizer.model or tokenizer.json)."""
@@ -184,6 +194,16 @@ def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         with safe_open(str(path), framework="pt") as handle:
             for key in handle.keys():
                 yield key, handle.get_tensor(key)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: cannot read safetensors file ({err})") from None
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return list(handle.keys())
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{path}: cannot read safetensors file ({err})") from None
 

@@ -24,6 +24,8 @@ class RopeScaling:
     mscale_all_dim: float | None = None
     attention_factor: float | None = None
     truncate: bool = True
+    # llama.cpp's rope_freqs tensor: each frequency is divided by its factor after the scaling above.
+    freq_factors: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.type not in ROPE_TYPES:

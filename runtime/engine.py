@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from kilnlm.errors import CheckpointError, KilnError
+from kilnlm.errors import KilnError
 from kilnlm.runtime.cache import Cache
 from kilnlm.runtime.chat import ChatTemplate
 from kilnlm.runtime.config import ModelConfig
@@ -85,14 +85,12 @@ class Engine:
         allow_pickle: bool = False,
         progress: bool = True,
     ) -> Engine:
-        """Load a Hugging Face checkpoint folder onto `device` in `dtype` ('auto', 'float32', 'bf16', ...)."""
-        from kilnlm.export.hf import open_hf_checkpoint
+        """Load an HF checkpoint folder or a GGUF file onto `device` in `dtype` ('auto', 'float32', 'bf16', ...)."""
+        from kilnlm.export.checkpoint import open_checkpoint
 
         path = Path(path)
-        if path.is_file():
-            raise CheckpointError(f"{path}: is a file; pass a Hugging Face checkpoint folder")
         device = _device(device)
-        checkpoint = open_hf_checkpoint(path, allow_pickle=allow_pickle)
+        checkpoint = open_checkpoint(path, allow_pickle=allow_pickle)
         tokenizer = checkpoint.tokenizer()
         config = checkpoint.config
         tensors = tqdm(

@@ -75,6 +75,16 @@ def _dynamic_inv_freq(config: ModelConfig, dim: int, seq_len: int) -> torch.Tens
 
 def rope_frequencies(config: ModelConfig, seq_len: int) -> tuple[torch.Tensor, float]:
     """Inverse frequencies (head_dim/2,) and the factor cos/sin are scaled by, for sequences of `seq_len` tokens."""
+    inv_freq, attention_factor = _scaled_frequencies(config, seq_len)
+    factors = config.rope_scaling.freq_factors
+    if factors is not None:
+        if len(factors) != inv_freq.numel():
+            raise ValueError(f"rope freq_factors has {len(factors)} entries, expected {inv_freq.numel()}")
+        inv_freq = inv_freq / torch.tensor(factors, dtype=torch.float32, device="cpu")
+    return inv_freq, attention_factor
+
+
+def _scaled_frequencies(config: ModelConfig, seq_len: int) -> tuple[torch.Tensor, float]:
     dim, kind = config.head_dim, config.rope_scaling.type
     if kind == "default":
         return _base_inv_freq(config.rope_theta, dim), 1.0
@@ -102,7 +112,7 @@ class RotaryEmbedding(nn.Module):
         end = start + length
         if self.config.rope_scaling.type == "dynamic" and end > self.config.max_position_embeddings:
             # NTK-aware scaling grows with the sequence; earlier cached keys keep their rotation, as in HF.
-            inv_freq = _dynamic_inv_freq(self.config, self.config.head_dim, end).to(inv_freq.device)
+            inv_freq = rope_frequencies(self.config, end)[0].to(inv_freq.device)
         positions = torch.arange(start, end, device=inv_freq.device, dtype=torch.float32)
         freqs = positions[:, None] * inv_freq[None, :]  # (T, D/2)
         angles = torch.cat((freqs, freqs), dim=-1)  # (T, D)

@@ -22,9 +22,10 @@ import itertools
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Protocol
 
 import sentencepiece as spm
@@ -281,6 +282,17 @@ class Tokenizer:
     def token_to_id(self, piece: str) -> int | None:
         """The id of a vocabulary piece or added token, or None if there is none."""
         return self._backend.token_to_id(piece)
+
+    @property
+    def model_file(self) -> bytes | str:
+        """The backend's model: a serialized SentencePiece ModelProto (bytes) or a tokenizer.json (str)."""
+        backend = self._backend
+        return backend.sp.serialized_model_proto() if isinstance(backend, _SentencePieceBackend) else backend._tok.to_str()
+
+    @property
+    def added_tokens(self) -> Mapping[int, AddedToken]:
+        """Tokens matched as whole strings (special and user-defined), by id."""
+        return MappingProxyType(self._backend.added)
 
     def id_to_piece(self, token_id: int) -> str:
         """The vocabulary piece (or added-token string) of an id."""

@@ -66,6 +66,8 @@ def sp_tokenizer_files(tmp_path_factory) -> Path:
     spm.SentencePieceTrainer.train(
         input=str(text), model_prefix=str(folder / "tokenizer"), vocab_size=TOKENIZER_VOCAB, model_type="bpe",
         byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2,
+        # Llama's normaliser settings, so GGUF export round-trips the tokenizer exactly.
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
     )
     (folder / "tokenizer_config.json").write_text(
         '{"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": true}', encoding="utf-8"

@@ -1,0 +1,428 @@
+"""GGUF both ways for the Llama family, with llama.cpp's own names, metadata keys and conventions.
+
+Reading: `GGUFCheckpoint` turns a GGUF file (ours or llama.cpp's) into a ModelConfig, float tensors under
+kilnlm's parameter names, and a tokenizer. Writing: `write_gguf` streams any checkpoint into a GGUF file of
+a target type, one tensor in memory at a time, to a temporary name that is renamed when complete.
+The container parser is export/gguf_file.py; the block formats are quant/formats.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, Keys, LlamaFileType, RopeScalingType
+
+from kilnlm.errors import CheckpointError, UnsupportedModelError
+from kilnlm.export.gguf_file import GGUFFile
+from kilnlm.quant.formats import WeightFormat, format_for_gguf_type, get_format
+from kilnlm.runtime.config import ModelConfig, RopeScaling
+from kilnlm.runtime.models import expected_shapes
+from kilnlm.runtime.rope import rope_frequencies
+
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # kilnlm -> llama.cpp
+TARGET_TYPES = {  # --type -> (format of 2-D weights, GGUF general.file_type)
+    "f32": ("f32", LlamaFileType.ALL_F32),
+    "f16": ("f16", LlamaFileType.MOSTLY_F16),
+    "bf16": ("bf16", LlamaFileType.MOSTLY_BF16),
+    "q8_0": ("q8_0", LlamaFileType.MOSTLY_Q8_0),
+    "q4_0": ("q4_0", LlamaFileType.MOSTLY_Q4_0),
+    "q4_1": ("q4_1", LlamaFileType.MOSTLY_Q4_1),
+}
+ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency divisors (Llama 3.1 rope scaling)
+
+# kilnlm (HF-style) parameter names <-> llama.cpp tensor names; {i} is the block index.
+_NAMES = {
+    "embed_tokens.weight": "token_embd.weight",
+    "norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "layers.{i}.input_layernorm.weight": "blk.{i}.attn_norm.weight",
+    "layers.{i}.post_attention_layernorm.weight": "blk.{i}.ffn_norm.weight",
+    "layers.{i}.self_attn.q_proj.weight": "blk.{i}.attn_q.weight",
+    "layers.{i}.self_attn.k_proj.weight": "blk.{i}.attn_k.weight",
+    "layers.{i}.self_attn.v_proj.weight": "blk.{i}.attn_v.weight",
+    "layers.{i}.self_attn.q_proj.bias": "blk.{i}.attn_q.bias",
+    "layers.{i}.self_attn.k_proj.bias": "blk.{i}.attn_k.bias",
+    "layers.{i}.self_attn.v_proj.bias": "blk.{i}.attn_v.bias",
+    "layers.{i}.self_attn.o_proj.weight": "blk.{i}.attn_output.weight",
+    "layers.{i}.mlp.gate_proj.weight": "blk.{i}.ffn_gate.weight",
+    "layers.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
+    "layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
+}
+_TO_GGUF = {re.compile("^" + re.escape(k).replace(r"\{i\}", r"(\d+)") + "$"): v for k, v in _NAMES.items()}
+_TO_KILN = {re.compile("^" + re.escape(v).replace(r"\{i\}", r"(\d+)") + "$"): k for k, v in _NAMES.items()}
+
+
+def _rename(name: str, table: dict[re.Pattern[str], str]) -> str | None:
+    for pattern, template in table.items():
+        match = pattern.match(name)
+        if match:
+            return template.replace("{i}", match.group(1)) if match.groups() else template
+    return None
+
+
+def gguf_name(name: str) -> str:
+    """llama.cpp's tensor name for a kilnlm parameter name."""
+    renamed = _rename(name, _TO_GGUF)
+    if renamed is None:
+        raise KeyError(f"no GGUF name for parameter {name!r}")
+    return renamed
+
+
+def kiln_name(name: str) -> str | None:
+    """kilnlm's parameter name for a llama.cpp tensor name (None for tensors kilnlm does not use)."""
+    return _rename(name, _TO_KILN)
+
+
+def permute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """HF's rotate-half q/k rows -> llama.cpp's interleaved rotary layout (what convert_hf_to_gguf does)."""
+    rows = weight.shape[0]
+    return weight.reshape(num_heads, 2, rows // num_heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The inverse of permute_qk: llama.cpp's interleaved rows back to HF's layout."""
+    rows = weight.shape[0]
+    return weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def _qk_heads(config: ModelConfig, name: str) -> int | None:
+    """Heads to (un)permute `name` by, or None: only the `llama` GGUF architecture permutes q and k."""
+    if GGUF_ARCHITECTURES[config.architecture] != "llama":
+        return None
+    if ".self_attn.q_proj." in name:
+        return config.num_heads
+    if ".self_attn.k_proj." in name:
+        return config.num_kv_heads
+    return None
+
+
+# ------------------------------------------------------------------------------------------- reading
+
+
+class _Metadata:
+    """Typed access to `{arch}.*` keys with errors that name the file and the key."""
+
+    def __init__(self, metadata: dict[str, Any], arch: str, source: str):
+        self.metadata, self.arch, self.source = metadata, arch, source
+
+    def get(self, key_template: str, kind: type, default: Any = None, required: bool = False) -> Any:
+        key = key_template.format(arch=self.arch)
+        value = self.metadata.get(key, default)
+        if value is None and required:
+            raise CheckpointError(f"{self.source}: required metadata key {key!r} is missing")
+        if value is not None and not isinstance(value, (kind, int) if kind is float else kind):
+            raise CheckpointError(f"{self.source}: metadata key {key!r} should be {kind.__name__}, got {value!r}")
+        return kind(value) if value is not None else None
+
+
+def _rope_from_gguf(meta: _Metadata, gguf_file: GGUFFile) -> RopeScaling:
+    kind = meta.get(Keys.Rope.SCALING_TYPE, str, "none")
+    factors = None
+    if ROPE_FREQS in gguf_file.tensors:
+        factors = tuple(format_for_gguf_type(gguf_file.tensors[ROPE_FREQS].ggml_type)
+                        .dequantize(gguf_file.raw(ROPE_FREQS), gguf_file.tensors[ROPE_FREQS].shape).tolist())
+    fields: dict[str, Any] = {"freq_factors": factors}
+    if kind in ("linear", "yarn"):
+        fields["factor"] = meta.get(Keys.Rope.SCALING_FACTOR, float, required=True)
+    if kind == "yarn":
+        fields["original_max_position_embeddings"] = meta.get(Keys.Rope.SCALING_ORIG_CTX_LEN, int)
+        fields["beta_fast"] = meta.get(Keys.Rope.SCALING_YARN_BETA_FAST, float, 32.0)
+        fields["beta_slow"] = meta.get(Keys.Rope.SCALING_YARN_BETA_SLOW, float, 1.0)
+    elif kind not in ("none", "linear"):
+        raise UnsupportedModelError(f"{meta.source}: rope scaling type {kind!r} is not supported (none, linear, yarn)")
+    return RopeScaling(type="default" if kind == "none" else kind, **fields)
+
+
+def config_from_gguf(gguf_file: GGUFFile) -> ModelConfig:
+    """Build the ModelConfig of a llama/qwen2 GGUF file from its metadata (and tensor directory)."""
+    source = str(gguf_file.path)
+    arch = gguf_file.metadata.get(Keys.General.ARCHITECTURE)
+    if arch not in ("llama", "qwen2"):
+        raise UnsupportedModelError(f"{source}: GGUF architecture {arch!r} is not supported; supported: llama, qwen2")
+    meta = _Metadata(gguf_file.metadata, arch, source)
+    heads = meta.get(Keys.Attention.HEAD_COUNT, int, required=True)
+    hidden = meta.get(Keys.LLM.EMBEDDING_LENGTH, int, required=True)
+    if "token_embd.weight" not in gguf_file.tensors:
+        raise CheckpointError(f"{source}: tensor 'token_embd.weight' is missing")
+    vocab = meta.get(Keys.LLM.VOCAB_SIZE, int) or gguf_file.tensors["token_embd.weight"].shape[0]
+    window = meta.get(Keys.Attention.SLIDING_WINDOW, int)
+    try:
+        return ModelConfig(
+            architecture=arch,
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=meta.get(Keys.LLM.FEED_FORWARD_LENGTH, int, required=True),
+            num_layers=meta.get(Keys.LLM.BLOCK_COUNT, int, required=True),
+            num_heads=heads,
+            num_kv_heads=meta.get(Keys.Attention.HEAD_COUNT_KV, int, heads),
+            head_dim=meta.get(Keys.Attention.KEY_LENGTH, int) or hidden // heads,
+            max_position_embeddings=meta.get(Keys.LLM.CONTEXT_LENGTH, int, 2048),
+            rms_norm_eps=meta.get(Keys.Attention.LAYERNORM_RMS_EPS, float, 1e-5),
+            rope_theta=meta.get(Keys.Rope.FREQ_BASE, float, 10000.0),
+            rope_scaling=_rope_from_gguf(meta, gguf_file),
+            sliding_window=window or None,
+            attention_bias="blk.0.attn_q.bias" in gguf_file.tensors,
+            tie_word_embeddings="output.weight" not in gguf_file.tensors,
+        )
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{source}: inconsistent model metadata ({err})") from None
+
+
+class GGUFCheckpoint:
+    """A GGUF model file as a checkpoint: config, float tensors under kilnlm's names, tokenizer."""
+
+    def __init__(self, path: str | Path):
+        self.file = GGUFFile(path)
+        self.path = self.file.path
+        self.config = config_from_gguf(self.file)
+        self._names = {kiln: g for g in self.file.tensors if (kiln := kiln_name(g)) is not None}
+        expected = expected_shapes(self.config)
+        for name, shape in expected.items():
+            info = self.file.tensors.get(self._names.get(name, gguf_name(name)))
+            if info is None:
+                raise CheckpointError(f"{self.path}: tensor {gguf_name(name)!r} is missing")
+            if info.shape != shape:
+                raise CheckpointError(f"{self.path}: tensor {info.name!r} has shape {info.shape}, expected {shape}")
+
+    def tensor_names(self) -> list[str]:
+        """kilnlm names of the model's tensors, in file order."""
+        return list(self._names)
+
+    def num_tensors(self) -> int:
+        """How many model tensors `tensors()` yields."""
+        return len(self._names)
+
+    def tensor_format(self, name: str) -> WeightFormat:
+        """The stored format of a tensor (by kilnlm name)."""
+        return format_for_gguf_type(self.file.tensors[self._names[name]].ggml_type)
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (kilnlm name, float32 tensor in HF layout), dequantising one tensor at a time."""
+        for name, g in self._names.items():
+            info = self.file.tensors[g]
+            weight = format_for_gguf_type(info.ggml_type).dequantize(self.file.raw(g), info.shape)
+            heads = _qk_heads(self.config, name)
+            yield name, unpermute_qk(weight, heads) if heads else weight
+
+    def tokenizer(self):
+        """The tokenizer stored in the file's metadata."""
+        from kilnlm.runtime.gguf_vocab import tokenizer_from_gguf
+
+        return tokenizer_from_gguf(self.file.metadata, str(self.path))
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+
+class Checkpoint(Protocol):
+    """What the writer needs from a source (HFCheckpoint or GGUFCheckpoint)."""
+
+    config: ModelConfig
+
+    def tensor_names(self) -> list[str]: ...
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]: ...
+    def tokenizer(self): ...
+
+
+@dataclass
+class ExportSummary:
+    """What write_gguf produced."""
+
+    path: Path
+    file_bytes: int
+    parameters: int
+    seconds: float
+    types: dict[str, int]  # ggml type name -> tensor count
+
+    @property
+    def bits_per_weight(self) -> float:
+        """File bits per model parameter (metadata and tokenizer included, as llama.cpp reports it)."""
+        return self.file_bytes * 8 / self.parameters
+
+
+def choose_format(name: str, shape: tuple[int, ...], target: str, tied: bool) -> WeightFormat:
+    """The storage format of one tensor for a target type, following llama.cpp's rules.
+
+    1-D tensors (norms, biases) stay F32. The output projection (or the tied embedding, which doubles as
+    it) is the most quantization-sensitive matrix: llama.cpp gives it Q6_K for 4-bit targets; kilnlm
+    does not produce K-quants, so it uses Q8_0, which is llama.cpp's own choice when Q6_K cannot apply.
+    Rows whose length is not a multiple of the block size fall back to F16, as convert_hf_to_gguf does.
+    """
+    base = get_format(TARGET_TYPES[target][0])
+    if len(shape) == 1:
+        return get_format("f32")
+    is_output = name == "lm_head.weight" or (tied and name == "embed_tokens.weight")
+    if is_output and target in ("q4_0", "q4_1"):
+        base = get_format("q8_0")
+    if shape[-1] % base.block_size:
+        return get_format("f32") if target == "f32" else get_format("f16")
+    return base
+
+
+def _rope_freq_factors(config: ModelConfig) -> torch.Tensor | None:
+    """llama.cpp encodes Llama 3.1 rope scaling as a tensor of divisors of the default frequencies."""
+    if config.rope_scaling.type != "llama3":
+        return None
+    plain = ModelConfig(**{**config.__dict__, "rope_scaling": RopeScaling()})
+    return rope_frequencies(plain, 0)[0] / rope_frequencies(config, 0)[0]
+
+
+def _add_model_metadata(writer: gguf.GGUFWriter, config: ModelConfig, name: str, file_type: int) -> None:
+    writer.add_name(name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_heads)
+    writer.add_head_count_kv(config.num_kv_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_rope_dimension_count(config.head_dim)
+    if config.head_dim != config.hidden_size // config.num_heads:
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+    writer.add_vocab_size(config.vocab_size)
+    _add_rope_scaling(writer, config.rope_scaling)
+    if config.sliding_window and not config.sliding_window_layers:
+        writer.add_sliding_window(config.sliding_window)
+    writer.add_file_type(int(file_type))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _add_rope_scaling(writer: gguf.GGUFWriter, scaling: RopeScaling) -> None:
+    # Like convert_hf_to_gguf: linear and yarn have keys, llama3 becomes the rope_freqs tensor, and
+    # dynamic NTK (which llama.cpp does not implement) is left out.
+    if scaling.type == "linear":
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(scaling.factor)
+    elif scaling.type == "yarn":
+        writer.add_rope_scaling_type(RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(scaling.factor)
+        if scaling.original_max_position_embeddings:
+            writer.add_rope_scaling_orig_ctx_len(scaling.original_max_position_embeddings)
+        writer.add_rope_scaling_yarn_beta_fast(scaling.beta_fast)
+        writer.add_rope_scaling_yarn_beta_slow(scaling.beta_slow)
+
+
+def _add_tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None:
+    from kilnlm.runtime.gguf_vocab import TokenType, gguf_vocab_from_tokenizer
+
+    vocab = gguf_vocab_from_tokenizer(tokenizer)
+    if len(vocab.tokens) > vocab_size:
+        raise CheckpointError(f"the tokenizer has {len(vocab.tokens)} tokens but the model only {vocab_size} rows")
+    # Embedding tables are often padded past the tokenizer; llama.cpp wants one token per row.
+    padding = range(len(vocab.tokens), vocab_size)
+    vocab.tokens += [f"[PAD{i}]" for i in padding]
+    vocab.token_types += [int(TokenType.UNUSED)] * len(padding)
+    if vocab.scores is not None:
+        vocab.scores += [-1000.0] * len(padding)
+    writer.add_tokenizer_model(vocab.model)
+    if vocab.pre is not None:
+        writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
+    writer.add_token_types(vocab.token_types)
+    if vocab.merges is not None:
+        writer.add_token_merges(vocab.merges)
+    for value, add in ((vocab.bos_id, writer.add_bos_token_id), (vocab.eos_id, writer.add_eos_token_id),
+                       (vocab.pad_id, writer.add_pad_token_id), (vocab.unk_id, writer.add_unk_token_id)):
+        if value is not None:
+            add(value)
+    writer.add_add_bos_token(vocab.add_bos)
+    if vocab.chat_template:
+        writer.add_chat_template(vocab.chat_template)
+
+
+@dataclass
+class _PlannedTensor:
+    name: str  # kilnlm name
+    gguf_name: str
+    shape: tuple[int, ...]
+    fmt: WeightFormat
+
+
+def _plan(checkpoint: Checkpoint, target: str) -> list[_PlannedTensor]:
+    config = checkpoint.config
+    shapes = expected_shapes(config)
+    names = checkpoint.tensor_names()
+    missing = sorted(set(shapes) - set(names))
+    if missing:
+        raise CheckpointError(f"cannot export: the source lacks tensors {', '.join(missing[:5])}")
+    return [_PlannedTensor(n, gguf_name(n), shapes[n], choose_format(n, shapes[n], target, config.tie_word_embeddings))
+            for n in names if n in shapes]
+
+
+def _pack(tensor: torch.Tensor, planned: _PlannedTensor, config: ModelConfig) -> np.ndarray:
+    heads = _qk_heads(config, planned.name)
+    weight = permute_qk(tensor.float(), heads) if heads else tensor
+    return planned.fmt.quantize(weight).numpy()
+
+
+def write_gguf(
+    checkpoint: Checkpoint,
+    out_path: str | Path,
+    target: str,
+    *,
+    name: str = "",
+    on_tensor: Callable[[str, str], None] | None = None,
+) -> ExportSummary:
+    """Write `checkpoint` as a GGUF file of type `target` (f32, f16, bf16, q8_0, q4_0, q4_1), atomically."""
+    if target not in TARGET_TYPES:
+        raise CheckpointError(f"unknown GGUF type {target!r}; choose one of {', '.join(TARGET_TYPES)}")
+    config, out_path = checkpoint.config, Path(out_path)
+    started = time.perf_counter()
+    plan = _plan(checkpoint, target)
+    rope_factors = _rope_freq_factors(config)
+    tmp_path = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    writer = gguf.GGUFWriter(tmp_path, GGUF_ARCHITECTURES[config.architecture])
+    try:
+        _add_model_metadata(writer, config, name or out_path.stem, TARGET_TYPES[target][1])
+        _add_tokenizer_metadata(writer, checkpoint.tokenizer(), config.vocab_size)
+        if rope_factors is not None:
+            writer.add_tensor_info(ROPE_FREQS, rope_factors.shape, np.float32, rope_factors.numel() * 4)
+        for p in plan:
+            packed_shape = p.fmt.packed_shape(p.shape)
+            writer.add_tensor_info(p.gguf_name, packed_shape, np.uint8, int(np.prod(packed_shape)), p.fmt.gguf_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        if rope_factors is not None:
+            writer.write_tensor_data(rope_factors.numpy())
+        _write_tensors(writer, checkpoint, plan, on_tensor)
+        writer.close()
+        os.replace(tmp_path, out_path)
+    except BaseException:
+        writer.close()
+        tmp_path.unlink(missing_ok=True)
+        raise
+    types: dict[str, int] = {}
+    for p in plan:
+        types[p.fmt.gguf_type.name] = types.get(p.fmt.gguf_type.name, 0) + 1
+    parameters = sum(int(np.prod(p.shape)) for p in plan)
+    return ExportSummary(out_path, out_path.stat().st_size, parameters, time.perf_counter() - started, types)
+
+
+def _write_tensors(writer: gguf.GGUFWriter, checkpoint: Checkpoint, plan: list[_PlannedTensor],
+                   on_tensor: Callable[[str, str], None] | None) -> None:
+    by_name = {p.name: p for p in plan}
+    order = iter(plan)
+    for name, tensor in checkpoint.tensors():
+        planned = by_name.get(name)
+        if planned is None:
+            continue
+        if next(order) is not planned:
+            raise RuntimeError("the checkpoint yielded tensors in a different order than tensor_names()")
+        writer.write_tensor_data(_pack(tensor, planned, checkpoint.config))
+        if on_tensor is not None:
+            on_tensor(planned.gguf_name, planned.fmt.gguf_type.name)
+
