@@ -334,22 +334,27 @@ def test_unrecognised_pre_tokenizer_is_refused(tmp_path):
         gguf_vocab_from_tokenizer(Tokenizer.from_hf_folder(folder))
 
 
-@pytest.mark.parametrize(
-    ("options", "message"),
-    [
-        (dict(model_type="unigram"), "this one is not BPE"),
-        (dict(model_type="bpe", normalization_rule_name="nmt_nfkc"), r"normalizer \('nmt_nfkc'"),
-    ],
-)
-def test_sentencepiece_llama_cpp_cannot_reproduce_is_refused(tmp_path, options, message):
-    """SentencePiece models llama.cpp's SPM tokenizer would tokenize differently raise TokenizerError."""
+def _train_sp(tmp_path, **options) -> Tokenizer:
     (tmp_path / "corpus.txt").write_text("\n".join(_corpus(200)), encoding="utf-8")
     spm.SentencePieceTrainer.train(
         input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "tokenizer"), vocab_size=60,
         hard_vocab_limit=False, minloglevel=2, **options,
     )
-    with pytest.raises(TokenizerError, match=message):
-        gguf_vocab_from_tokenizer(Tokenizer.from_hf_folder(tmp_path))
+    return Tokenizer.from_hf_folder(tmp_path)
+
+
+def test_sentencepiece_unigram_is_refused(tmp_path):
+    """llama.cpp's SPM tokenizer merges by score like SentencePiece BPE; a unigram model would tokenize differently."""
+    with pytest.raises(TokenizerError, match="this one is not BPE"):
+        gguf_vocab_from_tokenizer(_train_sp(tmp_path, model_type="unigram"))
+
+
+def test_sentencepiece_normalizer_llama_cpp_skips_is_exported_with_a_warning(tmp_path):
+    """As convert_hf_to_gguf does (stories260K's tokenizer removes extra whitespace), but the user is told."""
+    tokenizer = _train_sp(tmp_path, model_type="bpe", normalization_rule_name="nmt_nfkc")
+    with pytest.warns(UserWarning, match=r"normalizer \('nmt_nfkc'"):
+        vocab = gguf_vocab_from_tokenizer(tokenizer)
+    assert vocab.model == "llama" and len(vocab.tokens) == tokenizer.vocab_size
 
 
 def test_metadata_keys():
