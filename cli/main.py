@@ -31,6 +31,11 @@ TOKENIZE_EXAMPLE = """examples:
   kiln tokenize ggml-vocab-llama-bpe.gguf --text "Hello world"
   kiln tokenize ./Llama-3.2-1B --text "Hello world" --add-bos
 """
+PERPLEXITY_EXAMPLE = """examples:
+  kiln perplexity llama1b-q8_0.gguf --text wiki.test.raw --ctx 512
+  kiln perplexity ./Llama-3.2-1B --text wiki.test.raw --chunks 20 --device cuda
+(llama.cpp's protocol: chunks of --ctx tokens, BOS first, the second half of each chunk scored)
+"""
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -195,6 +200,32 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    """kiln perplexity: llama.cpp-style perplexity of a text file; the last stdout line is `ppl = X +/- Y`."""
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from kilnlm.runtime.perplexity import perplexity
+
+    try:
+        text = Path(args.text).read_text(encoding="utf-8")
+    except OSError as err:
+        raise KilnError(f"cannot read {args.text}: {err.strerror}") from None
+    engine = _load(args, args.model)
+    with tqdm(desc="perplexity", unit="chunk", file=sys.stderr) as bar:
+        def advance(done: int, total: int, running_ppl: float) -> None:
+            bar.total = total
+            bar.set_postfix_str(f"ppl={running_ppl:.4f}", refresh=False)
+            bar.update(done - bar.n)
+
+        result = perplexity(engine.model, engine.tokenizer, text, ctx=args.ctx, chunks=args.chunks,
+                            batch=args.batch, on_chunk=advance)
+    print(f"{result.tokens_scored} tokens scored, {result.chunks} chunks, ctx {result.ctx}, {result.seconds:.1f}s")
+    print(f"ppl = {result.ppl:.4f} +/- {result.stderr:.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every `kiln` subcommand."""
     parser = argparse.ArgumentParser(prog="kiln", description="kilnlm: quantize and run LLMs locally.",
@@ -243,6 +274,18 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize.add_argument("model", help="GGUF file (vocab-only files work) or Hugging Face folder")
     tokenize.add_argument("--text", required=True, help="text to tokenize")
     tokenize.add_argument("--add-bos", action="store_true", help="prepend the BOS token")
+
+    ppl = add("perplexity", cmd_perplexity, "Measure a model's perplexity on a text file, as llama.cpp's "
+              "llama-perplexity does.", PERPLEXITY_EXAMPLE)
+    ppl.add_argument("model", help="Hugging Face checkpoint folder or GGUF file")
+    ppl.add_argument("--text", "-f", required=True, help="UTF-8 text file (e.g. wikitext-2-raw wiki.test.raw)")
+    ppl.add_argument("--ctx", type=int, default=512, help="tokens per chunk; the second half is scored (default: 512)")
+    ppl.add_argument("--chunks", type=int, default=None, help="score at most this many chunks (default: all)")
+    ppl.add_argument("--batch", type=int, default=1, help="chunks per forward pass (default: 1)")
+    ppl.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    ppl.add_argument("--dtype", default="auto", help="auto, float32, bf16 or fp16 (auto: fp32 on CPU, bf16 on CUDA)")
+    ppl.add_argument("--allow-pickle", action="store_true",
+                     help="allow loading pytorch_model.bin pickle weights (only for checkpoints you trust)")
     return parser
 
 

@@ -68,8 +68,13 @@ def test_chat_reset_and_exit_through_stdin(model_folder):
     result = run_kiln("chat", str(model_folder), "--max-tokens", "5", "--temperature", "0",
                       stdin="the cat\nthe dog\n/reset\nthe cat\n/exit\nnever read\n")
     assert result.returncode == 0, result.stderr
-    answers = result.stdout.split("\n")
-    assert answers[0] == answers[2]  # after /reset the same question gets the same greedy answer
+    engine = Engine.load(model_folder, progress=False)
+    conversation = [{"role": "user", "content": "the cat"}]
+    first = engine.chat(conversation, max_tokens=5, temperature=0)
+    conversation += [{"role": "assistant", "content": first}, {"role": "user", "content": "the dog"}]
+    second = engine.chat(conversation, max_tokens=5, temperature=0)
+    # After /reset the same question starts a new conversation and gets the first answer again.
+    assert result.stdout == f"{first}\n{second}\n{first}\n"
     assert "(conversation cleared)" in result.stderr
     assert result.stderr.count("cached") == 3
 
@@ -77,7 +82,9 @@ def test_chat_reset_and_exit_through_stdin(model_folder):
 def test_chat_ctrl_c_stops_the_answer_but_not_the_session():
     if not demo_model_path().is_dir():
         pytest.skip("demo model not built")
-    proc = subprocess.Popen([*KILN, "chat", "--max-tokens", "100000", "--ctx", "4096"], stdin=subprocess.PIPE,
+    # Greedy, so the answer is long and the same on every run.
+    proc = subprocess.Popen([*KILN, "chat", "--max-tokens", "100000", "--ctx", "4096", "--temperature", "0"],
+                            stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:

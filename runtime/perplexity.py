@@ -1,0 +1,126 @@
+"""Perplexity with the protocol of llama.cpp's `llama-perplexity`, so our numbers compare with its numbers.
+
+    from kilnlm import Engine
+    from kilnlm.runtime.perplexity import perplexity
+    engine = Engine.load("model.gguf")
+    result = perplexity(engine.model, engine.tokenizer, open("wiki.test.raw").read(), ctx=512)
+    print(f"ppl = {result.ppl:.4f} +/- {result.stderr:.4f}")
+
+The protocol (llama.cpp tools/perplexity/perplexity.cpp, `perplexity()`, the default path without
+--ppl-stride):
+
+1. Tokenize the whole text once, with BOS when the tokenizer adds one (`common_tokenize(..., add_special=true)`).
+2. Cut the tokens into n_chunk = min(n_tokens // ctx, chunks) non-overlapping chunks of `ctx` tokens; the
+   tail that does not fill a chunk is dropped. At least 2 * ctx tokens are required.
+3. Each chunk runs as its own sequence from position 0. When the tokenizer adds BOS, the chunk's first
+   *input* token is replaced by BOS (the targets keep the original tokens; position 0 is never a target).
+4. Only the second half is scored: with first = ctx // 2, logits at positions first .. ctx-2 predict tokens
+   first+1 .. ctx-1, i.e. ctx - first - 1 tokens per chunk.
+5. Over all N scored tokens with nll_i = -log p(token_i), PPL = exp(mean nll) and the reported uncertainty
+   is PPL * sqrt((mean(nll^2) - mean(nll)^2) / (N - 1)) (first-order error propagation of exp).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from kilnlm.errors import ContextLengthError, KilnError
+
+if TYPE_CHECKING:
+    from kilnlm.runtime.tokenizer import Tokenizer
+
+DEFAULT_CTX = 512  # llama.cpp's customary perplexity context (wikitext-2 figures are quoted at 512)
+
+
+class PerplexityError(KilnError):
+    """The text or the settings cannot give a perplexity (too few tokens, bad chunk counts)."""
+
+
+@dataclass
+class PerplexityResult:
+    """One perplexity run; `ppl` and `stderr` are what llama.cpp prints as `PPL = X +/- Y`."""
+
+    ppl: float  # exp(nll_mean)
+    stderr: float  # ppl * sqrt(var(nll) / (N - 1)), var with 1/N as llama.cpp computes it; nan when N < 2
+    nll_mean: float  # mean negative log-likelihood per scored token, in nats
+    tokens_scored: int  # N = chunks * (ctx - ctx // 2 - 1)
+    chunks: int
+    ctx: int
+    seconds: float  # wall time of the whole call, tokenization included
+
+
+def perplexity(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    text: str,
+    *,
+    ctx: int = DEFAULT_CTX,
+    chunks: int | None = None,
+    batch: int = 1,
+    on_chunk: Callable[[int, int, float], None] | None = None,
+) -> PerplexityResult:
+    """Perplexity of `model` on `text` by llama.cpp's protocol (see the module docstring).
+
+    `model(input_ids (B, T), cache=None)` must return logits (B, T, V) and `model.config.max_position_embeddings`
+    bounds `ctx`. `chunks` caps the number of chunks (None: all), `batch` is how many chunks share one forward
+    pass, and `on_chunk(done, total, running_ppl)` is called after every chunk, in order.
+    """
+    started = time.perf_counter()
+    _check_settings(model, ctx, chunks, batch)
+    tokens = tokenizer.encode(text)  # BOS first when the tokenizer adds one, as llama.cpp tokenizes
+    if len(tokens) < 2 * ctx:
+        raise PerplexityError(
+            f"the text has {len(tokens)} tokens; perplexity with a context of {ctx} needs at least {2 * ctx}"
+        )
+    n_chunk = len(tokens) // ctx if chunks is None else min(len(tokens) // ctx, chunks)
+    bos_id = tokenizer.bos_id if tokenizer.add_bos else None
+    device = next(model.parameters()).device
+    ids = torch.tensor(tokens[: n_chunk * ctx], dtype=torch.long).view(n_chunk, ctx)  # (C, ctx)
+    first = ctx // 2
+
+    nll_sum = nll2_sum = 0.0
+    count = 0
+    for start in range(0, n_chunk, batch):
+        targets = ids[start : start + batch]  # (b, ctx): the original tokens
+        inputs = targets.clone()
+        if bos_id is not None:
+            inputs[:, 0] = bos_id
+        with torch.inference_mode():
+            logits = model(inputs.to(device), cache=None)  # (b, ctx, V)
+            logprobs = torch.log_softmax(logits[:, first : ctx - 1].float(), dim=-1)  # (b, ctx-1-first, V)
+            picked = logprobs.gather(-1, targets[:, first + 1 :].to(device).unsqueeze(-1)).squeeze(-1)
+            nll = (-picked).double().cpu()  # (b, ctx-1-first)
+        for k, row in enumerate(nll):  # chunk by chunk, so running values match llama.cpp's per-chunk print
+            nll_sum += row.sum().item()
+            nll2_sum += row.square().sum().item()
+            count += row.numel()
+            if on_chunk is not None:
+                on_chunk(start + k + 1, n_chunk, math.exp(nll_sum / count))
+
+    mean = nll_sum / count
+    ppl = math.exp(mean)
+    variance = max(nll2_sum / count - mean * mean, 0.0)  # 1/N variance; rounding can make it a hair negative
+    stderr = ppl * math.sqrt(variance / (count - 1)) if count > 1 else math.nan
+    return PerplexityResult(
+        ppl=ppl, stderr=stderr, nll_mean=mean, tokens_scored=count, chunks=n_chunk, ctx=ctx,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _check_settings(model: nn.Module, ctx: int, chunks: int | None, batch: int) -> None:
+    if ctx < 4:
+        raise PerplexityError(f"ctx must be at least 4 tokens (half of it is context, the rest is scored), got {ctx}")
+    limit = model.config.max_position_embeddings
+    if ctx > limit:
+        raise ContextLengthError(f"ctx {ctx} is larger than the model's context of {limit} tokens")
+    if chunks is not None and chunks < 1:
+        raise PerplexityError(f"chunks must be at least 1 (or None for all), got {chunks}")
+    if batch < 1:
+        raise PerplexityError(f"batch must be at least 1, got {batch}")
