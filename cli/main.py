@@ -22,6 +22,7 @@ DEMO_EXAMPLE = """example:
 QUANTIZE_EXAMPLE = """examples:
   kiln quantize ./Llama-3.2-1B -o llama1b-q8_0.gguf --type q8_0
   kiln quantize model-f16.gguf -o model-q4_0.gguf --type q4_0
+  kiln quantize ./Llama-3.2-1B -o llama1b-gptq-q4_0.gguf --type q4_0 --method gptq --calib wiki.txt --act-order
 """
 INSPECT_EXAMPLE = """examples:
   kiln inspect llama1b-q8_0.gguf
@@ -160,24 +161,52 @@ def _answer(engine, messages: list[dict], args: argparse.Namespace) -> str:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    """kiln quantize: write a GGUF file of the chosen type from an HF folder or a GGUF file."""
+    """kiln quantize: write a GGUF file of the chosen type and method from an HF folder or a GGUF file."""
     from tqdm import tqdm
 
     from kilnlm.export.checkpoint import open_checkpoint
     from kilnlm.export.gguf import write_gguf
 
     checkpoint = open_checkpoint(args.source, allow_pickle=args.allow_pickle)
-    with tqdm(total=len(checkpoint.tensor_names()), desc=f"quantizing to {args.type}", unit="tensor",
+    quantizer, extra = None, {}
+    if args.method == "gptq":
+        quantizer = _gptq_quantizer(args, checkpoint)
+        extra["kilnlm.quantization.recipe"] = quantizer.recipe.describe()
+    with tqdm(total=len(checkpoint.tensor_names()), desc=f"writing {args.type}", unit="tensor",
               file=sys.stderr) as bar:
         def advance(name: str, ggml_type: str) -> None:
             bar.set_postfix_str(f"{name} -> {ggml_type}", refresh=False)
             bar.update()
 
-        summary = write_gguf(checkpoint, args.output, args.type, on_tensor=advance)
+        summary = write_gguf(checkpoint, args.output, args.type, quantizer=quantizer, extra_metadata=extra,
+                             on_tensor=advance)
+    if quantizer is not None and quantizer.errors:
+        ratios = [gptq / rtn for gptq, rtn in quantizer.errors.values() if rtn > 0]
+        _info(f"GPTQ output error / RTN output error on the calibration data: mean {sum(ratios) / len(ratios):.3f} "
+              f"over {len(ratios)} matrices")
     types = ", ".join(f"{count} {name}" for name, count in sorted(summary.types.items()))
     print(f"wrote {summary.path}: {summary.file_bytes / 2**20:.2f} MiB, {summary.parameters / 1e6:.2f}M parameters, "
           f"{summary.bits_per_weight:.2f} bits per weight, {summary.seconds:.1f}s ({types})")
     return 0
+
+
+def _gptq_quantizer(args: argparse.Namespace, checkpoint):
+    from tqdm import tqdm
+
+    from kilnlm.errors import KilnError
+    from kilnlm.quant.gptq import GPTQ_FORMATS, gptq_quantizer
+
+    if args.type not in GPTQ_FORMATS:
+        raise KilnError(f"--method gptq writes {', '.join(GPTQ_FORMATS)}; --type {args.type} has no grid to solve for")
+    if args.group_size != 32:
+        raise KilnError("ggml's Q4_0/Q4_1/Q8_0 blocks fix the group size at 32; other group sizes need a "
+                        "kilnlm-native INT4 format, which does not exist yet")
+    if not args.calib:
+        _info("no --calib text given: calibrating on text sampled from the model itself (real text is better)")
+    bar = tqdm(total=checkpoint.config.num_layers, desc="GPTQ", unit="block", file=sys.stderr)
+    return gptq_quantizer(checkpoint, calib_files=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+                          seed=args.seed, act_order=args.act_order, scale_search=not args.no_scale_search,
+                          device=args.device, on_layer=lambda i, n: bar.update())
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -264,6 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--output", "-o", required=True, help="GGUF file to write (replaced atomically)")
     quantize.add_argument("--type", default="q8_0", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"],
                           help="target type of the 2-D weights (default: q8_0)")
+    quantize.add_argument("--method", default="rtn", choices=["rtn", "gptq"],
+                          help="rtn: round to nearest (llama-quantize's way); gptq: calibrated GPTQ (default: rtn)")
+    quantize.add_argument("--calib", nargs="+", default=[], metavar="FILE",
+                          help="plain-text calibration files for gptq (default: text sampled from the model)")
+    quantize.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default: 128)")
+    quantize.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence (default: 512)")
+    quantize.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows (default: 0)")
+    quantize.add_argument("--act-order", action="store_true", help="gptq: visit columns by decreasing Hessian "
+                          "diagonal (static groups keep one scale per ggml block)")
+    quantize.add_argument("--no-scale-search", action="store_true", help="gptq: keep ggml's own block scales")
+    quantize.add_argument("--group-size", type=int, default=32, help="gptq group size; ggml blocks need 32")
+    quantize.add_argument("--device", default="cpu", help="device for calibration (cpu, cuda)")
     quantize.add_argument("--allow-pickle", action="store_true", help="allow reading pytorch_model.bin pickles")
 
     inspect = add("inspect", cmd_inspect, "Show a GGUF file's metadata, tensors and size.", INSPECT_EXAMPLE)

@@ -23,7 +23,8 @@ from gguf import GGMLQuantizationType, Keys, LlamaFileType, RopeScalingType
 
 from kilnlm.errors import CheckpointError, UnsupportedModelError
 from kilnlm.export.gguf_file import GGUFFile
-from kilnlm.quant.formats import WeightFormat, format_for_gguf_type, get_format
+from kilnlm.quant.formats import QuantizedTensor, WeightFormat, format_for_gguf_type, get_format
+from kilnlm.quant.rtn import RoundToNearest
 from kilnlm.runtime.config import ModelConfig, RopeScaling
 from kilnlm.runtime.models import expected_shapes
 from kilnlm.runtime.rope import rope_frequencies
@@ -205,13 +206,17 @@ class GGUFCheckpoint:
         """The stored format of a tensor (by kilnlm name)."""
         return format_for_gguf_type(self.file.tensors[self._names[name]].ggml_type)
 
+    def tensor(self, name: str) -> torch.Tensor:
+        """One parameter by kilnlm name, dequantised to float32 in HF layout."""
+        info = self.file.tensors[self._names[name]]
+        weight = format_for_gguf_type(info.ggml_type).dequantize(self.file.raw(info.name), info.shape)
+        heads = _qk_heads(self.config, name)
+        return unpermute_qk(weight, heads) if heads else weight
+
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (kilnlm name, float32 tensor in HF layout), dequantising one tensor at a time."""
-        for name, g in self._names.items():
-            info = self.file.tensors[g]
-            weight = format_for_gguf_type(info.ggml_type).dequantize(self.file.raw(g), info.shape)
-            heads = _qk_heads(self.config, name)
-            yield name, unpermute_qk(weight, heads) if heads else weight
+        for name in self._names:
+            yield name, self.tensor(name)
 
     def tokenizer(self):
         """The tokenizer stored in the file's metadata."""
@@ -229,8 +234,25 @@ class Checkpoint(Protocol):
     config: ModelConfig
 
     def tensor_names(self) -> list[str]: ...
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]: ...
+    def tensor(self, name: str) -> torch.Tensor: ...
     def tokenizer(self): ...
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One tensor the writer will store: kilnlm name, GGUF name, shape (torch order) and storage format."""
+
+    name: str
+    gguf_name: str
+    shape: tuple[int, ...]
+    format: WeightFormat
+
+
+class Quantizer(Protocol):
+    """Turns a checkpoint into packed tensors in plan order (quant/rtn.py, quant/gptq.py)."""
+
+    def quantized_tensors(self, checkpoint: Checkpoint, plan: list[PlannedTensor]
+                          ) -> Iterator[tuple[PlannedTensor, QuantizedTensor]]: ...
 
 
 @dataclass
@@ -343,29 +365,24 @@ def _add_tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer, vocab_size: int)
         writer.add_chat_template(vocab.chat_template)
 
 
-@dataclass
-class _PlannedTensor:
-    name: str  # kilnlm name
-    gguf_name: str
-    shape: tuple[int, ...]
-    fmt: WeightFormat
-
-
-def _plan(checkpoint: Checkpoint, target: str) -> list[_PlannedTensor]:
+def plan_tensors(checkpoint: Checkpoint, target: str) -> list[PlannedTensor]:
+    """Every model tensor with its storage format for `target`, in the model's own order (layer by layer)."""
     config = checkpoint.config
     shapes = expected_shapes(config)
-    names = checkpoint.tensor_names()
-    missing = sorted(set(shapes) - set(names))
+    missing = sorted(set(shapes) - set(checkpoint.tensor_names()))
     if missing:
         raise CheckpointError(f"cannot export: the source lacks tensors {', '.join(missing[:5])}")
-    return [_PlannedTensor(n, gguf_name(n), shapes[n], choose_format(n, shapes[n], target, config.tie_word_embeddings))
-            for n in names if n in shapes]
+    return [PlannedTensor(n, gguf_name(n), s, choose_format(n, s, target, config.tie_word_embeddings))
+            for n, s in shapes.items()]
 
 
-def _pack(tensor: torch.Tensor, planned: _PlannedTensor, config: ModelConfig) -> np.ndarray:
+def _gguf_layout(planned: PlannedTensor, packed: QuantizedTensor, config: ModelConfig) -> np.ndarray:
+    if packed.format is not planned.format or packed.shape != planned.shape:
+        raise RuntimeError(f"{planned.name}: the quantizer returned {packed.format.name} {packed.shape}, "
+                           f"planned {planned.format.name} {planned.shape}")
     heads = _qk_heads(config, planned.name)
-    weight = permute_qk(tensor.float(), heads) if heads else tensor
-    return planned.fmt.quantize(weight).numpy()
+    # ggml blocks run along rows, so permuting whole packed rows is exact.
+    return (permute_qk(packed.data, heads) if heads else packed.data).numpy()
 
 
 def write_gguf(
@@ -373,32 +390,40 @@ def write_gguf(
     out_path: str | Path,
     target: str,
     *,
+    quantizer: Quantizer | None = None,
     name: str = "",
+    extra_metadata: dict[str, Any] | None = None,
     on_tensor: Callable[[str, str], None] | None = None,
 ) -> ExportSummary:
-    """Write `checkpoint` as a GGUF file of type `target` (f32, f16, bf16, q8_0, q4_0, q4_1), atomically."""
+    """Write `checkpoint` as a GGUF file of type `target` (f32, f16, bf16, q8_0, q4_0, q4_1), atomically.
+
+    `quantizer` packs the tensors (round-to-nearest by default); `extra_metadata` adds string-keyed
+    values (e.g. the recipe of a calibrated method) to the file.
+    """
     if target not in TARGET_TYPES:
         raise CheckpointError(f"unknown GGUF type {target!r}; choose one of {', '.join(TARGET_TYPES)}")
     config, out_path = checkpoint.config, Path(out_path)
     started = time.perf_counter()
-    plan = _plan(checkpoint, target)
+    plan = plan_tensors(checkpoint, target)
     rope_factors = _rope_freq_factors(config)
     tmp_path = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
     writer = gguf.GGUFWriter(tmp_path, GGUF_ARCHITECTURES[config.architecture])
     try:
         _add_model_metadata(writer, config, name or out_path.stem, TARGET_TYPES[target][1])
         _add_tokenizer_metadata(writer, checkpoint.tokenizer(), config.vocab_size)
+        for key, value in (extra_metadata or {}).items():
+            writer.add_string(key, value) if isinstance(value, str) else writer.add_float32(key, float(value))
         if rope_factors is not None:
             writer.add_tensor_info(ROPE_FREQS, rope_factors.shape, np.float32, rope_factors.numel() * 4)
         for p in plan:
-            packed_shape = p.fmt.packed_shape(p.shape)
-            writer.add_tensor_info(p.gguf_name, packed_shape, np.uint8, int(np.prod(packed_shape)), p.fmt.gguf_type)
+            packed_shape = p.format.packed_shape(p.shape)
+            writer.add_tensor_info(p.gguf_name, packed_shape, np.uint8, int(np.prod(packed_shape)), p.format.gguf_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         if rope_factors is not None:
             writer.write_tensor_data(rope_factors.numpy())
-        _write_tensors(writer, checkpoint, plan, on_tensor)
+        _write_tensors(writer, checkpoint, plan, quantizer or RoundToNearest(), on_tensor)
         writer.close()
         os.replace(tmp_path, out_path)
     except BaseException:
@@ -407,22 +432,17 @@ def write_gguf(
         raise
     types: dict[str, int] = {}
     for p in plan:
-        types[p.fmt.gguf_type.name] = types.get(p.fmt.gguf_type.name, 0) + 1
+        types[p.format.gguf_type.name] = types.get(p.format.gguf_type.name, 0) + 1
     parameters = sum(int(np.prod(p.shape)) for p in plan)
     return ExportSummary(out_path, out_path.stat().st_size, parameters, time.perf_counter() - started, types)
 
 
-def _write_tensors(writer: gguf.GGUFWriter, checkpoint: Checkpoint, plan: list[_PlannedTensor],
+def _write_tensors(writer: gguf.GGUFWriter, checkpoint: Checkpoint, plan: list[PlannedTensor], quantizer: Quantizer,
                    on_tensor: Callable[[str, str], None] | None) -> None:
-    by_name = {p.name: p for p in plan}
-    order = iter(plan)
-    for name, tensor in checkpoint.tensors():
-        planned = by_name.get(name)
-        if planned is None:
-            continue
-        if next(order) is not planned:
-            raise RuntimeError("the checkpoint yielded tensors in a different order than tensor_names()")
-        writer.write_tensor_data(_pack(tensor, planned, checkpoint.config))
+    expected = iter(plan)
+    for planned, packed in quantizer.quantized_tensors(checkpoint, plan):
+        if next(expected, None) is not planned:
+            raise RuntimeError("the quantizer yielded tensors out of plan order")
+        writer.write_tensor_data(_gguf_layout(planned, packed, checkpoint.config))
         if on_tensor is not None:
-            on_tensor(planned.gguf_name, planned.fmt.gguf_type.name)
-
+            on_tensor(planned.gguf_name, planned.format.gguf_type.name)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -140,45 +140,41 @@ def internal_name(hf_name: str) -> str:
 
 @dataclass
 class HFCheckpoint:
-    """An opened HF checkpoint folder: its config and a lazy view of its weight files."""
+    """An opened HF checkpoint folder: its config and a lazy, random-access view of its weight files."""
 
     folder: Path
     config: ModelConfig
     weight_files: list[Path]
     is_pickle: bool
-
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (kilnlm name, tensor) for the model's parameters, one at a time, in file order."""
-        wanted = self._wanted()
-        for path in self.weight_files:
-            reader = _read_pickle if self.is_pickle else _read_safetensors
-            for hf_name, tensor in reader(path):
-                name = internal_name(hf_name)
-                if name not in wanted:
-                    continue  # tied lm_head copies, rotary inv_freq buffers and the like
-                if tensor.dtype not in FLOAT_DTYPES:
-                    raise UnsupportedModelError(
-                        f"{path}: tensor {hf_name!r} has dtype {tensor.dtype}; only float32, float16 and "
-                        "bfloat16 checkpoints can be read (pre-quantized HF checkpoints are not supported)"
-                    )
-                yield name, tensor
+    _index: dict[str, tuple[Path, str]] | None = field(default=None, repr=False)
+    _pickles: dict[Path, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def tensor_names(self) -> list[str]:
-        """kilnlm names of the parameters `tensors()` yields, in the same order (reads only file headers)."""
-        if self.is_pickle:
-            return [name for name, _ in self.tensors()]
-        wanted = self._wanted()
-        return [internal_name(k) for path in self.weight_files for k in _safetensors_keys(path)
-                if internal_name(k) in wanted]
+        """kilnlm names of the model's parameters present in the files, in file order (reads only headers)."""
+        return list(self._locate())
 
     def num_tensors(self) -> int:
         """How many tensors `tensors()` yields (for progress bars)."""
-        return len(self.tensor_names())
+        return len(self._locate())
 
-    def _wanted(self) -> set[str]:
-        from kilnlm.runtime.models import expected_shapes
+    def tensor(self, name: str) -> torch.Tensor:
+        """One parameter by kilnlm name."""
+        path, key = self._locate()[name]
+        if self.is_pickle:
+            tensor = self._pickle(path)[key]
+        else:
+            tensor = _read_safetensor(path, key)
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise UnsupportedModelError(
+                f"{path}: tensor {key!r} has dtype {tensor.dtype}; only float32, float16 and bfloat16 "
+                "checkpoints can be read (pre-quantized HF checkpoints are not supported)"
+            )
+        return tensor
 
-        return set(expected_shapes(self.config))
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (kilnlm name, tensor) for the model's parameters, one at a time, in file order."""
+        for name in self._locate():
+            yield name, self.tensor(name)
 
     def tokenizer(self):
         """The checkpoint's tokenizer (tokenizer.model or tokenizer.json)."""
@@ -186,14 +182,31 @@ class HFCheckpoint:
 
         return Tokenizer.from_hf_folder(self.folder)
 
+    def _locate(self) -> dict[str, tuple[Path, str]]:
+        """kilnlm name -> (file, key in the file), for the parameters the model needs (tied lm_head copies,
+        rotary inv_freq buffers and the like are left out)."""
+        if self._index is None:
+            from kilnlm.runtime.models import expected_shapes
 
-def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+            wanted = set(expected_shapes(self.config))
+            self._index = {}
+            for path in self.weight_files:
+                keys = list(self._pickle(path)) if self.is_pickle else _safetensors_keys(path)
+                self._index.update({internal_name(k): (path, k) for k in keys if internal_name(k) in wanted})
+        return self._index
+
+    def _pickle(self, path: Path) -> dict[str, torch.Tensor]:
+        if path not in self._pickles:
+            self._pickles[path] = _read_pickle(path)  # memory-mapped: tensors are read on use
+        return self._pickles[path]
+
+
+def _read_safetensor(path: Path, key: str) -> torch.Tensor:
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                yield key, handle.get_tensor(key)
+            return handle.get_tensor(key)
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{path}: cannot read safetensors file ({err})") from None
 
@@ -208,14 +221,14 @@ def _safetensors_keys(path: Path) -> list[str]:
         raise CheckpointError(f"{path}: cannot read safetensors file ({err})") from None
 
 
-def _read_pickle(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # torch.load raises many types for bad or unsafe pickles
         raise CheckpointError(f"{path}: cannot load with torch.load(weights_only=True): {err}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
-    yield from ((k, v) for k, v in state.items() if isinstance(v, torch.Tensor))
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 def _sharded(folder: Path, index_name: str) -> list[Path]:
