@@ -23,6 +23,7 @@ QUANTIZE_EXAMPLE = """examples:
   kiln quantize ./Llama-3.2-1B -o llama1b-q8_0.gguf --type q8_0
   kiln quantize model-f16.gguf -o model-q4_0.gguf --type q4_0
   kiln quantize ./Llama-3.2-1B -o llama1b-gptq-q4_0.gguf --type q4_0 --method gptq --calib wiki.txt --act-order
+  kiln quantize ./Llama-3.2-1B -o llama1b-int8.gguf --method llm-int8 --calib wiki.txt
 """
 INSPECT_EXAMPLE = """examples:
   kiln inspect llama1b-q8_0.gguf
@@ -172,6 +173,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.method == "gptq":
         quantizer = _gptq_quantizer(args, checkpoint)
         extra["kilnlm.quantization.recipe"] = quantizer.recipe.describe()
+    elif args.method == "llm-int8":
+        quantizer = _llm_int8_quantizer(args, checkpoint)
+        args.type = "f16"  # the block linears are int8 codes; embeddings and the output stay f16
     with tqdm(total=len(checkpoint.tensor_names()), desc=f"writing {args.type}", unit="tensor",
               file=sys.stderr) as bar:
         def advance(name: str, ggml_type: str) -> None:
@@ -180,7 +184,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         summary = write_gguf(checkpoint, args.output, args.type, quantizer=quantizer, extra_metadata=extra,
                              on_tensor=advance)
-    if quantizer is not None and quantizer.errors:
+    if quantizer is not None and getattr(quantizer, "errors", None):
         ratios = [gptq / rtn for gptq, rtn in quantizer.errors.values() if rtn > 0]
         _info(f"GPTQ output error / RTN output error on the calibration data: mean {sum(ratios) / len(ratios):.3f} "
               f"over {len(ratios)} matrices")
@@ -207,6 +211,19 @@ def _gptq_quantizer(args: argparse.Namespace, checkpoint):
     return gptq_quantizer(checkpoint, calib_files=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
                           seed=args.seed, act_order=args.act_order, scale_search=not args.no_scale_search,
                           device=args.device, on_layer=lambda i, n: bar.update())
+
+
+def _llm_int8_quantizer(args: argparse.Namespace, checkpoint):
+    from tqdm import tqdm
+
+    from kilnlm.quant.llm_int8 import llm_int8_quantizer
+
+    if not args.calib:
+        _info("no --calib text given: calibrating on text sampled from the model itself (real text is better)")
+    bar = tqdm(total=checkpoint.config.num_layers, desc="LLM.int8 calibration", unit="block", file=sys.stderr)
+    return llm_int8_quantizer(checkpoint, calib_files=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+                              seed=args.seed, threshold=args.threshold, device=args.device,
+                              on_layer=lambda i, n: bar.update())
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -293,10 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--output", "-o", required=True, help="GGUF file to write (replaced atomically)")
     quantize.add_argument("--type", default="q8_0", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"],
                           help="target type of the 2-D weights (default: q8_0)")
-    quantize.add_argument("--method", default="rtn", choices=["rtn", "gptq"],
-                          help="rtn: round to nearest (llama-quantize's way); gptq: calibrated GPTQ (default: rtn)")
+    quantize.add_argument("--method", default="rtn", choices=["rtn", "gptq", "llm-int8"],
+                          help="rtn: round to nearest (llama-quantize's way); gptq: calibrated GPTQ; llm-int8: "
+                          "int8 weights with fp16 outlier columns, a kilnlm-only file (--type is then ignored)")
+    quantize.add_argument("--threshold", type=float, default=6.0,
+                          help="llm-int8: activation magnitude that makes an input feature an outlier (default 6.0)")
     quantize.add_argument("--calib", nargs="+", default=[], metavar="FILE",
-                          help="plain-text calibration files for gptq (default: text sampled from the model)")
+                          help="plain-text calibration files for gptq/llm-int8 (default: text sampled from the model)")
     quantize.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default: 128)")
     quantize.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence (default: 512)")
     quantize.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows (default: 0)")

@@ -19,9 +19,9 @@ from typing import Any, Protocol
 import gguf
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, Keys, LlamaFileType, RopeScalingType
+from gguf import Keys, LlamaFileType, RopeScalingType
 
-from kilnlm.errors import CheckpointError, UnsupportedModelError
+from kilnlm.errors import CheckpointError, KilnError, UnsupportedModelError
 from kilnlm.export.gguf_file import GGUFFile
 from kilnlm.quant.formats import QuantizedTensor, WeightFormat, format_for_gguf_type, get_format
 from kilnlm.quant.rtn import RoundToNearest
@@ -97,8 +97,8 @@ def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 def _qk_heads(config: ModelConfig, name: str) -> int | None:
     """Heads to (un)permute `name` by, or None: only the `llama` GGUF architecture permutes q and k."""
-    if GGUF_ARCHITECTURES[config.architecture] != "llama":
-        return None
+    if GGUF_ARCHITECTURES[config.architecture] != "llama" or name.endswith("outlier_idx"):
+        return None  # qwen2 is not permuted; outlier indices number columns, not rows
     if ".self_attn.q_proj." in name:
         return config.num_heads
     if ".self_attn.k_proj." in name:
@@ -208,8 +208,37 @@ class GGUFCheckpoint:
 
     def tensor(self, name: str) -> torch.Tensor:
         """One parameter by kilnlm name, dequantised to float32 in HF layout."""
-        info = self.file.tensors[self._names[name]]
-        weight = format_for_gguf_type(info.ggml_type).dequantize(self.file.raw(info.name), info.shape)
+        int8 = self.int8_weight(name)
+        if int8 is not None:
+            return int8.dequantize()
+        return self._stored(name, self._names[name])
+
+    def int8_weight(self, name: str):
+        """The LLM.int8 form of a linear weight (None unless the file stores it so), in HF layout."""
+        gguf_weight = self._names.get(name, "")
+        base = gguf_weight.removesuffix(".weight")
+        if not gguf_weight.endswith(".weight") or f"{base}.int8_scale" not in self.file.tensors:
+            return None
+        from kilnlm.quant.llm_int8 import Int8Weight
+
+        codes = self._stored(name, gguf_weight).to(torch.int8)
+        scale = self._stored(name, f"{base}.int8_scale")
+        rows = codes.shape[0]
+        if f"{base}.int8_outlier_idx" in self.file.tensors:
+            idx = self._stored(f"{name}.outlier_idx", f"{base}.int8_outlier_idx").to(torch.int64)
+            columns = self._stored(name, f"{base}.int8_outlier_weight").to(torch.float16)
+        else:
+            idx, columns = torch.zeros(0, dtype=torch.int64), torch.zeros(rows, 0, dtype=torch.float16)
+        threshold = float(self.file.metadata.get("kilnlm.llm_int8.threshold", 6.0))
+        try:
+            return Int8Weight(codes, scale, idx, columns, threshold)
+        except KilnError as err:
+            raise CheckpointError(f"{self.path}: inconsistent LLM.int8 tensors for {gguf_weight!r} ({err})") from None
+
+    def _stored(self, name: str, gguf_tensor: str) -> torch.Tensor:
+        """A stored tensor as float32 (integers exactly), rows back in HF order for q/k."""
+        info = self.file.tensors[gguf_tensor]
+        weight = format_for_gguf_type(info.ggml_type).dequantize(self.file.raw(gguf_tensor), info.shape)
         heads = _qk_heads(self.config, name)
         return unpermute_qk(weight, heads) if heads else weight
 
@@ -249,7 +278,9 @@ class PlannedTensor:
 
 
 class Quantizer(Protocol):
-    """Turns a checkpoint into packed tensors in plan order (quant/rtn.py, quant/gptq.py)."""
+    """Turns a checkpoint into packed tensors in plan order (quant/rtn.py, quant/gptq.py, quant/llm_int8.py)."""
+
+    def plan(self, checkpoint: Checkpoint, plan: list[PlannedTensor]) -> list[PlannedTensor]: ...
 
     def quantized_tensors(self, checkpoint: Checkpoint, plan: list[PlannedTensor]
                           ) -> Iterator[tuple[PlannedTensor, QuantizedTensor]]: ...
@@ -381,8 +412,11 @@ def _gguf_layout(planned: PlannedTensor, packed: QuantizedTensor, config: ModelC
         raise RuntimeError(f"{planned.name}: the quantizer returned {packed.format.name} {packed.shape}, "
                            f"planned {planned.format.name} {planned.shape}")
     heads = _qk_heads(config, planned.name)
-    # ggml blocks run along rows, so permuting whole packed rows is exact.
-    return (permute_qk(packed.data, heads) if heads else packed.data).numpy()
+    if not heads:
+        return packed.data.numpy()
+    # ggml blocks run along rows, so permuting whole packed rows is exact (a vector's rows are its elements).
+    rows = packed.data.reshape(planned.shape[0], -1)
+    return permute_qk(rows, heads).reshape(packed.data.shape).numpy()
 
 
 def write_gguf(
@@ -404,14 +438,15 @@ def write_gguf(
         raise CheckpointError(f"unknown GGUF type {target!r}; choose one of {', '.join(TARGET_TYPES)}")
     config, out_path = checkpoint.config, Path(out_path)
     started = time.perf_counter()
-    plan = plan_tensors(checkpoint, target)
+    quantizer = quantizer or RoundToNearest()
+    plan = quantizer.plan(checkpoint, plan_tensors(checkpoint, target))
     rope_factors = _rope_freq_factors(config)
     tmp_path = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
     writer = gguf.GGUFWriter(tmp_path, GGUF_ARCHITECTURES[config.architecture])
     try:
         _add_model_metadata(writer, config, name or out_path.stem, TARGET_TYPES[target][1])
         _add_tokenizer_metadata(writer, checkpoint.tokenizer(), config.vocab_size)
-        for key, value in (extra_metadata or {}).items():
+        for key, value in {**getattr(quantizer, "metadata", {}), **(extra_metadata or {})}.items():
             writer.add_string(key, value) if isinstance(value, str) else writer.add_float32(key, float(value))
         if rope_factors is not None:
             writer.add_tensor_info(ROPE_FREQS, rope_factors.shape, np.float32, rope_factors.numel() * 4)
@@ -423,7 +458,7 @@ def write_gguf(
         writer.write_ti_data_to_file()
         if rope_factors is not None:
             writer.write_tensor_data(rope_factors.numpy())
-        _write_tensors(writer, checkpoint, plan, quantizer or RoundToNearest(), on_tensor)
+        _write_tensors(writer, checkpoint, plan, quantizer, on_tensor)
         writer.close()
         os.replace(tmp_path, out_path)
     except BaseException:
@@ -433,7 +468,7 @@ def write_gguf(
     types: dict[str, int] = {}
     for p in plan:
         types[p.format.gguf_type.name] = types.get(p.format.gguf_type.name, 0) + 1
-    parameters = sum(int(np.prod(p.shape)) for p in plan)
+    parameters = sum(int(np.prod(shape)) for shape in expected_shapes(config).values())
     return ExportSummary(out_path, out_path.stat().st_size, parameters, time.perf_counter() - started, types)
 
 

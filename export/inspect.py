@@ -36,8 +36,15 @@ def describe_gguf(path: str | Path) -> dict[str, Any]:
         "bits_per_weight": file_bytes * 8 / parameters if parameters else None,
         "metadata": {key: _summarise(value) for key, value in gguf_file.metadata.items()},
         "tensors": tensors,
-        "loadable_by": ["kilnlm", "llama.cpp", "ollama"],
+        "loadable_by": _runtimes(gguf_file),
     }
+
+
+def _runtimes(gguf_file: GGUFFile) -> list[str]:
+    """Which runtimes can load the file: kilnlm-specific schemes (LLM.int8) need kilnlm."""
+    if gguf_file.metadata.get("kilnlm.quantization.scheme") == "llm.int8":
+        return ["kilnlm (LLM.int8 int8 codes + fp16 outlier columns; llama.cpp and ollama cannot load it)"]
+    return ["kilnlm", "llama.cpp", "ollama"]
 
 
 def format_description(description: dict[str, Any]) -> str:

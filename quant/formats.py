@@ -575,6 +575,40 @@ class Q6_KFormat(_KQuantFormat):
         return (dl * q).reshape(n, QK_K)
 
 
+class _IntegerFormat(WeightFormat):
+    """Integers stored raw (GGUF I8 / I32): LLM.int8's codes and outlier indices. 'Quantizing' accepts only
+    floats that already hold integers in range, so nothing is silently rounded."""
+
+    dtype: torch.dtype
+
+    def _quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        info = torch.iinfo(self.dtype)
+        if bool((blocks != blocks.round()).any()) or bool(((blocks < info.min) | (blocks > info.max)).any()):
+            raise QuantizationError(f"{self.name}: values must be integers in [{info.min}, {info.max}]")
+        return _le_bytes(blocks.to(self.dtype))
+
+    def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        return blocks.contiguous().view(self.dtype).to(torch.float32)
+
+
+class I8Format(_IntegerFormat):
+    """int8 values, 1 byte each."""
+
+    name = "i8"
+    gguf_type = GGMLQuantizationType.I8
+    block_size, bytes_per_block = GGML_QUANT_SIZES[GGMLQuantizationType.I8]
+    dtype = torch.int8
+
+
+class I32Format(_IntegerFormat):
+    """int32 values, 4 bytes each, little-endian."""
+
+    name = "i32"
+    gguf_type = GGMLQuantizationType.I32
+    block_size, bytes_per_block = GGML_QUANT_SIZES[GGMLQuantizationType.I32]
+    dtype = torch.int32
+
+
 F32 = register(F32Format())
 F16 = register(F16Format())
 BF16 = register(BF16Format())
@@ -586,3 +620,5 @@ Q3_K = register(Q3_KFormat())
 Q4_K = register(Q4_KFormat())
 Q5_K = register(Q5_KFormat())
 Q6_K = register(Q6_KFormat())
+I8 = register(I8Format())
+I32 = register(I32Format())

@@ -531,6 +531,10 @@ class GPTQQuantizer:
         self.ids, self.recipe, self.device, self.on_layer = ids, recipe, device, on_layer
         self.errors: dict[str, tuple[float, float]] = {}  # name -> (GPTQ, RTN) Hessian-weighted error
 
+    def plan(self, checkpoint, plan: list) -> list:
+        """The writer's plan, unchanged: one packed tensor per parameter."""
+        return plan
+
     def quantized_tensors(self, checkpoint, plan: list) -> Iterator[tuple[object, QuantizedTensor]]:
         """Yield (planned tensor, packed tensor) in plan order, calibrating each block just before its tensors."""
         from kilnlm.quant.calibration import LayerRunner

@@ -45,7 +45,7 @@ what the decomposition buys.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -350,3 +350,93 @@ def _check_finite(w: torch.Tensor, what: str) -> None:
         f"value(s) (first at index {first}); non-finite weights mean the checkpoint is corrupt"
     )
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole models: calibration, and the tensors an LLM.int8 GGUF file holds
+
+SCHEME_KEY = "kilnlm.quantization.scheme"  # "llm.int8" in files kilnlm alone can run
+THRESHOLD_KEY = "kilnlm.llm_int8.threshold"
+# Per linear layer "X" (kilnlm name "X.weight", GGUF "blk.N.attn_q.weight" as I8 codes), three more tensors:
+EXTRA_TENSORS = ("int8_scale", "int8_outlier_idx", "int8_outlier_weight")
+
+
+def is_linear_weight(name: str) -> bool:
+    """Whether a kilnlm parameter is a decoder-block linear layer's weight (what LLM.int8 quantizes)."""
+    return name.startswith("layers.") and name.endswith("_proj.weight")
+
+
+class LLMInt8Quantizer:
+    """LLM.int8 over a whole checkpoint (the writer's Quantizer protocol).
+
+    One calibration pass pushes the samples through the blocks (original weights) and records, per input of
+    each linear group, the max |activation| of every feature; features above the threshold become that
+    layer's outlier columns. Every block linear is then stored as I8 codes + F32 row scales + I32 outlier
+    indices + F16 outlier columns; everything else as the plan says (F16 / F32).
+    """
+
+    def __init__(self, ids: torch.Tensor, threshold: float = DEFAULT_THRESHOLD, *, device: str | torch.device = "cpu",
+                 on_layer=None):
+        self.ids, self.threshold, self.device, self.on_layer = ids, threshold, device, on_layer
+        self.outliers: dict[str, torch.Tensor] = {}  # linear weight name -> outlier columns
+        self.metadata = {SCHEME_KEY: "llm.int8", THRESHOLD_KEY: float(threshold)}
+
+    def plan(self, checkpoint, plan: list) -> list:
+        """Calibrate, then replace each block linear by its codes and the three extra tensors (exact shapes)."""
+        self._calibrate(checkpoint)
+        from kilnlm.quant.formats import get_format
+
+        planned = []
+        for p in plan:
+            if not is_linear_weight(p.name):
+                planned.append(p)
+                continue
+            rows, n_out = p.shape[0], len(self.outliers[p.name])
+            base, gguf_base = p.name.removesuffix(".weight"), p.gguf_name.removesuffix(".weight")
+            planned.append(replace(p, format=get_format("i8")))
+            extras = [("int8_scale", (rows,), "f32"), ("int8_outlier_idx", (n_out,), "i32"),
+                      ("int8_outlier_weight", (rows, n_out), "f16")]
+            planned += [replace(p, name=f"{base}.{suffix}", gguf_name=f"{gguf_base}.{suffix}", shape=shape,
+                                format=get_format(fmt)) for suffix, shape, fmt in extras if n_out or suffix == "int8_scale"]
+        return planned
+
+    def quantized_tensors(self, checkpoint, plan: list):
+        """Yield (planned tensor, packed tensor) in plan order."""
+        from kilnlm.quant.formats import QuantizedTensor
+
+        current: Int8Weight | None = None
+        for p in plan:
+            if is_linear_weight(p.name):
+                current = quantize_llm_int8(checkpoint.tensor(p.name), self.outliers[p.name], self.threshold)
+                values = current.weight_int8.to(torch.float32)
+            elif p.name.endswith(EXTRA_TENSORS):
+                values = {"int8_scale": current.row_scale, "int8_outlier_idx": current.outlier_idx.to(torch.float32),
+                          "int8_outlier_weight": current.outlier_weight.to(torch.float32)}[p.name.rsplit(".", 1)[1]]
+            else:
+                values = checkpoint.tensor(p.name)
+            yield p, QuantizedTensor.from_float(values, p.format)
+
+    def _calibrate(self, checkpoint) -> None:
+        from kilnlm.quant.calibration import LINEAR_GROUPS, LayerRunner
+
+        runner = LayerRunner(checkpoint, self.ids, device=self.device)
+        for index in range(checkpoint.config.num_layers):
+            layer = runner.layer(index)
+            for group in LINEAR_GROUPS:
+                tracker = OutlierTracker(layer.get_submodule(group[0]).in_features, device=runner.device)
+                runner.observe(layer, group[0], tracker.add_batch)
+                for module_name in group:
+                    self.outliers[f"layers.{index}.{module_name}.weight"] = tracker.outlier_columns(self.threshold).cpu()
+            runner.advance(layer)
+            if self.on_layer is not None:
+                self.on_layer(index, checkpoint.config.num_layers)
+
+
+def llm_int8_quantizer(checkpoint, *, calib_files: list[str], nsamples: int = 128, seqlen: int = 512, seed: int = 0,
+                       threshold: float = DEFAULT_THRESHOLD, device: str | torch.device = "cpu",
+                       on_layer=None) -> LLMInt8Quantizer:
+    """An LLMInt8Quantizer with its calibration samples drawn (from `calib_files`, or generated by the model)."""
+    from kilnlm.quant.calibration import load_calibration
+
+    ids, _ = load_calibration(checkpoint, calib_files, nsamples, seqlen, seed, device)
+    return LLMInt8Quantizer(ids, threshold, device=device, on_layer=on_layer)

@@ -12,6 +12,10 @@ class RoundToNearest:
 
     recipe = "rtn"
 
+    def plan(self, checkpoint, plan: list) -> list:
+        """The writer's plan, unchanged: one packed tensor per parameter."""
+        return plan
+
     def quantized_tensors(self, checkpoint, plan: list) -> Iterator[tuple[object, QuantizedTensor]]:
         """Yield (planned tensor, packed tensor) for every planned tensor, one tensor in memory at a time."""
         for planned in plan:

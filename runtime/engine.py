@@ -103,6 +103,7 @@ class Engine:
             leave=False,
         )
         model = build_model(config, tensors, device=device, dtype=resolve_dtype(dtype, device), source=str(path))
+        _use_packed_weights(model, checkpoint)
         return cls(model, tokenizer, context_length=_context_length(config, context_length), source=str(path))
 
     @property
@@ -185,6 +186,18 @@ def _context_length(config: ModelConfig, requested: int | None) -> int:
     if requested <= 0:
         raise KilnError(f"context length must be positive, got {requested}")
     return requested
+
+
+def _use_packed_weights(model: nn.Module, checkpoint) -> None:
+    """Swap in the runtime modules for weights a file stores in a form the runtime runs directly (LLM.int8)."""
+    int8_weight = getattr(checkpoint, "int8_weight", None)
+    if int8_weight is None:
+        return
+    weights = {name: w for name, _ in model.named_parameters() if (w := int8_weight(name)) is not None}
+    if weights:
+        from kilnlm.runtime.models.int8_linear import use_int8_linears
+
+        use_int8_linears(model, weights)
 
 
 def _device(name: str | torch.device) -> torch.device:

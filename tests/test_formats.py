@@ -27,6 +27,7 @@ from kilnlm.quant.formats import (
 
 QUANTIZABLE = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"]
 READ_ONLY = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
+INTEGER = ["i8", "i32"]  # raw integer storage (LLM.int8 codes and outlier indices)
 
 
 def gguf_quantize(x: np.ndarray, fmt: WeightFormat) -> np.ndarray:
@@ -433,7 +434,7 @@ def test_bad_inputs_raise_clear_errors() -> None:
 
 def test_registry_lookups_and_layouts() -> None:
     names = [f.name for f in registered_formats()]
-    assert names == [*QUANTIZABLE, *READ_ONLY]
+    assert names == [*QUANTIZABLE, *READ_ONLY, *INTEGER]
     for fmt in registered_formats():
         assert get_format(fmt.name) is fmt
         assert get_format(fmt.name.upper()) is fmt
@@ -441,11 +442,11 @@ def test_registry_lookups_and_layouts() -> None:
         assert format_for_gguf_type(int(fmt.gguf_type)) is fmt
         assert fmt.gguf_type.name.lower() == fmt.name
         assert (fmt.block_size, fmt.bytes_per_block) == GGML_QUANT_SIZES[fmt.gguf_type]
-        assert fmt.can_quantize == (fmt.name in QUANTIZABLE)
+        assert fmt.can_quantize == (fmt.name in QUANTIZABLE + INTEGER)
     bpw = {f.name: f.bits_per_weight for f in registered_formats()}
     assert bpw == {
         "f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q4_0": 4.5, "q4_1": 5.0,
-        "q2_k": 2.625, "q3_k": 3.4375, "q4_k": 4.5, "q5_k": 5.5, "q6_k": 6.5625,
+        "q2_k": 2.625, "q3_k": 3.4375, "q4_k": 4.5, "q5_k": 5.5, "q6_k": 6.5625, "i8": 8.0, "i32": 32.0,
     }  # fmt: skip
     assert formats.Q4_0 is get_format("q4_0") and formats.Q6_K is get_format("q6_k")
 
@@ -493,3 +494,14 @@ def test_quantized_tensor_round_trip() -> None:
     assert (qt.dequantize() - w).abs().max() <= w.abs().max() / 127
     vec = QuantizedTensor.from_float(torch.randn(64), formats.F32)
     assert vec.shape == (64,) and tuple(vec.data.shape) == (256,)
+
+
+def test_integer_formats_store_exact_integers_and_refuse_anything_else() -> None:
+    i8, i32 = get_format("i8"), get_format("i32")
+    codes = torch.tensor([[-128.0, -1.0, 0.0, 127.0]])
+    assert torch.equal(i8.quantize(codes).view(torch.int8), codes.to(torch.int8))
+    assert torch.equal(i8.dequantize(i8.quantize(codes), (1, 4)), codes)
+    assert torch.equal(i32.dequantize(i32.quantize(torch.tensor([3.0, 70000.0])), (2,)), torch.tensor([3.0, 70000.0]))
+    for bad in (torch.tensor([0.5]), torch.tensor([128.0])):
+        with pytest.raises(QuantizationError, match="integers"):
+            i8.quantize(bad)

@@ -192,7 +192,7 @@ def _byte_level_folder(folder: Path, pre: str) -> Path:
 def _strings_with(specials: list[str]) -> list[str]:
     """STRINGS plus strings with the given special tokens and the plain added token between words."""
     a, b = specials[0], specials[-1]
-    return [*STRINGS, f"{a}Hello{b} world", f"{a} spaced {b}\n", f"x<tool>y <tool> z", f"{b}{a}<tool>"]
+    return [*STRINGS, f"{a}Hello{b} world", f"{a} spaced {b}\n", "x<tool>y <tool> z", f"{b}{a}<tool>"]
 
 
 def _assert_same_tokenizer(original: Tokenizer, restored: Tokenizer, strings: list[str]) -> None:
