@@ -110,6 +110,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """kiln demo: generate with the bundled model and report the speed."""
     engine = _load(args, None)
+    sys.stdout.write(args.prompt)  # the demo shows its prompt; `kiln generate` prints only new text
     _stream_to_stdout(engine.generate(args.prompt, stream=True, **_sampling_kwargs(args)))
     sys.stdout.write("\n")
     stats = engine.last_stats
