@@ -266,10 +266,10 @@ def _to_fp16_bytes(x: torch.Tensor, fmt: str, what: str) -> torch.Tensor:
             f"{fmt}: a block's {what} is {worst:.6g}, beyond fp16's range (65504); weights this large "
             f"cannot be stored in {fmt}: keep this tensor in bf16 or f32"
         )
-    return _le_bytes(h)
+    return le_bytes(h)
 
 
-def _le_bytes(x: torch.Tensor) -> torch.Tensor:
+def le_bytes(x: torch.Tensor) -> torch.Tensor:
     """Raw little-endian bytes of a contiguous tensor (..., n) -> uint8 (..., n * itemsize)."""
     if sys.byteorder != "little":
         raise QuantizationError("kilnlm's packed formats assume a little-endian host")
@@ -281,20 +281,20 @@ def _fp16_field(blocks: torch.Tensor, offset: int) -> torch.Tensor:
     return blocks[:, offset : offset + 2].contiguous().view(torch.float16).to(torch.float32)
 
 
-def _safe_reciprocal(d: torch.Tensor) -> torch.Tensor:
+def safe_reciprocal(d: torch.Tensor) -> torch.Tensor:
     """1/d as ggml computes it, with 0 where d == 0 or where 1/d overflows (see module docstring)."""
     inv = torch.ones_like(d) / d
     return torch.where((d == 0) | torch.isinf(inv), torch.zeros_like(inv), inv)
 
 
-def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+def round_half_away(x: torch.Tensor) -> torch.Tensor:
     """C roundf (ties away from zero), exact for every float32, as gguf's np_roundf."""
     a = x.abs()
     floored = a.floor()
     return a.sub_(floored).mul_(2).floor_().add_(floored).copysign_(x)
 
 
-def _first_extreme(blocks: torch.Tensor, extreme: torch.Tensor, arg_fn) -> torch.Tensor:
+def first_extreme(blocks: torch.Tensor, extreme: torch.Tensor, arg_fn) -> torch.Tensor:
     """The block extreme (n, 1) as ggml's `if (v < min) min = v` loop finds it: the first of equal values.
 
     Only the sign of a zero extreme can differ (+0.0 == -0.0), so only those blocks are looked at.
@@ -317,7 +317,7 @@ def _unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
     return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
 
 
-def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     """uint8 codes (n, 2k) in 0..15 -> (n, k): element j in the low nibble, j + k in the high one."""
     half = q.shape[-1] // 2
     return q[:, :half] | (q[:, half:] << 4)
@@ -337,7 +337,7 @@ class _FloatFormat(WeightFormat):
                 f"{self.name}: weights up to {float(blocks.abs().max()):.6g} overflow {self.name}; "
                 "keep this tensor in f32"
             )
-        return _le_bytes(out)
+        return le_bytes(out)
 
     def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         return blocks.contiguous().view(self.dtype).to(torch.float32)
@@ -383,7 +383,7 @@ class Q8_0Format(WeightFormat):
 
     def _quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         d = blocks.abs().amax(dim=-1, keepdim=True) / 127  # (n, 1)
-        q = _round_half_away(blocks * _safe_reciprocal(d)).to(torch.int8)  # (n, 32) in -127..127
+        q = round_half_away(blocks * safe_reciprocal(d)).to(torch.int8)  # (n, 32) in -127..127
         return torch.cat([_to_fp16_bytes(d, self.name, "scale"), q.view(torch.uint8)], dim=-1)
 
     def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
@@ -407,8 +407,8 @@ class Q4_0Format(WeightFormat):
         peak = blocks.gather(-1, imax)  # (n, 1)
         d = torch.where(peak == 0, torch.zeros_like(peak), peak) / -8
         # x * id + 8.5 >= 0, so floor is ggml's truncation (and cheaper than torch.trunc).
-        q = (blocks * _safe_reciprocal(d)).add_(8.5).floor_().to(torch.uint8).clamp_(max=15)
-        return torch.cat([_to_fp16_bytes(d, self.name, "scale"), _pack_nibbles(q)], dim=-1)
+        q = (blocks * safe_reciprocal(d)).add_(8.5).floor_().to(torch.uint8).clamp_(max=15)
+        return torch.cat([_to_fp16_bytes(d, self.name, "scale"), pack_nibbles(q)], dim=-1)
 
     def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         d = _fp16_field(blocks, 0)
@@ -425,13 +425,13 @@ class Q4_1Format(WeightFormat):
     block_size, bytes_per_block = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_1]
 
     def _quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        lo = _first_extreme(blocks, blocks.amin(dim=-1, keepdim=True), torch.argmin)
-        hi = _first_extreme(blocks, blocks.amax(dim=-1, keepdim=True), torch.argmax)
+        lo = first_extreme(blocks, blocks.amin(dim=-1, keepdim=True), torch.argmin)
+        hi = first_extreme(blocks, blocks.amax(dim=-1, keepdim=True), torch.argmax)
         d = (hi - lo) / 15
-        q = (blocks - lo).mul_(_safe_reciprocal(d)).add_(0.5).floor_().to(torch.uint8).clamp_(max=15)
+        q = (blocks - lo).mul_(safe_reciprocal(d)).add_(0.5).floor_().to(torch.uint8).clamp_(max=15)
         d_bytes = _to_fp16_bytes(d, self.name, "scale")
         m_bytes = _to_fp16_bytes(lo, self.name, "minimum")
-        return torch.cat([d_bytes, m_bytes, _pack_nibbles(q)], dim=-1)
+        return torch.cat([d_bytes, m_bytes, pack_nibbles(q)], dim=-1)
 
     def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         d = _fp16_field(blocks, 0)
@@ -585,7 +585,7 @@ class _IntegerFormat(WeightFormat):
         info = torch.iinfo(self.dtype)
         if bool((blocks != blocks.round()).any()) or bool(((blocks < info.min) | (blocks > info.max)).any()):
             raise QuantizationError(f"{self.name}: values must be integers in [{info.min}, {info.max}]")
-        return _le_bytes(blocks.to(self.dtype))
+        return le_bytes(blocks.to(self.dtype))
 
     def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         return blocks.contiguous().view(self.dtype).to(torch.float32)

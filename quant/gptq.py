@@ -56,11 +56,11 @@ from kilnlm.quant.formats import (
     QuantizationError,
     QuantizedTensor,
     WeightFormat,
-    _first_extreme,
-    _le_bytes,
-    _pack_nibbles,
-    _round_half_away,
-    _safe_reciprocal,
+    first_extreme,
+    le_bytes,
+    pack_nibbles,
+    round_half_away,
+    safe_reciprocal,
     get_format,
 )
 
@@ -168,7 +168,7 @@ class _Q4_0Grid(_Grid):
         return d * (codes - 8)
 
     def pack(self, codes, d16, m16):
-        return torch.cat([_le_bytes(d16), _pack_nibbles(codes.to(torch.uint8))], dim=-1)
+        return torch.cat([le_bytes(d16), pack_nibbles(codes.to(torch.uint8))], dim=-1)
 
 
 class _Q4_1Grid(_Grid):
@@ -176,8 +176,8 @@ class _Q4_1Grid(_Grid):
     has_min = True
 
     def candidates(self, G, search):
-        lo = _first_extreme(G, G.amin(dim=-1, keepdim=True), torch.argmin)
-        hi = _first_extreme(G, G.amax(dim=-1, keepdim=True), torch.argmax)
+        lo = first_extreme(G, G.amin(dim=-1, keepdim=True), torch.argmin)
+        hi = first_extreme(G, G.amax(dim=-1, keepdim=True), torch.argmax)
         d, m = [(hi - lo) / 15], [lo]
         if search:
             for f in SEARCH_FACTORS:  # [lo, hi] shrunk by f about its midpoint
@@ -193,7 +193,7 @@ class _Q4_1Grid(_Grid):
         return (d * codes) + m
 
     def pack(self, codes, d16, m16):
-        return torch.cat([_le_bytes(d16), _le_bytes(m16), _pack_nibbles(codes.to(torch.uint8))], dim=-1)
+        return torch.cat([le_bytes(d16), le_bytes(m16), pack_nibbles(codes.to(torch.uint8))], dim=-1)
 
 
 class _Q8_0Grid(_Grid):
@@ -210,13 +210,13 @@ class _Q8_0Grid(_Grid):
     def encode(self, w, inv, lo):
         # ggml's codes are -127..127 (some of its SIMD dot products assume no -128).
         # + 0.0 turns round's -0.0 into the +0.0 that int8 code 0 decodes to (Q must match the file bitwise).
-        return _round_half_away(w * inv).clamp_(-127, 127).add_(0.0)
+        return round_half_away(w * inv).clamp_(-127, 127).add_(0.0)
 
     def decode(self, codes, d, m):
         return codes * d
 
     def pack(self, codes, d16, m16):
-        return torch.cat([_le_bytes(d16), codes.to(torch.int8).view(torch.uint8)], dim=-1)
+        return torch.cat([le_bytes(d16), codes.to(torch.int8).view(torch.uint8)], dim=-1)
 
 
 _GRIDS: dict[str, _Grid] = {g.name: g for g in (_Q4_0Grid(), _Q4_1Grid(), _Q8_0Grid())}
@@ -249,7 +249,7 @@ class _GroupParams:
         d16, m16 = d.to(torch.float16), lo.to(torch.float16)
         ok = torch.isfinite(d16) & torch.isfinite(m16)
         if d.shape[0] > 1:
-            values = grid.decode(grid.encode(G, _safe_reciprocal(d), lo), d16.float(), m16.float())
+            values = grid.decode(grid.encode(G, safe_reciprocal(d), lo), d16.float(), m16.float())
             err = ((G - values).square_() * h).sum(dim=-1, keepdim=True)  # (C, rows, 1)
             err = torch.where(ok, err, torch.full_like(err, math.inf))
             best = err.argmin(dim=0, keepdim=True)  # the first minimum: ggml's own candidate on ties
@@ -261,7 +261,7 @@ class _GroupParams:
                 f"{grid.name}: a block holds weights up to {worst:.6g}, whose scale or minimum is beyond fp16's "
                 f"range (65504); weights this large cannot be stored in {grid.name}: keep this tensor in bf16 or f32"
             )
-        self.inv[:, g : g + 1] = _safe_reciprocal(d)
+        self.inv[:, g : g + 1] = safe_reciprocal(d)
         self.lo[:, g : g + 1] = lo
         self.d[:, g : g + 1] = d16.float()
         self.m[:, g : g + 1] = m16.float()
