@@ -25,6 +25,11 @@ QUANTIZE_EXAMPLE = """examples:
   kiln quantize ./Llama-3.2-1B -o llama1b-gptq-q4_0.gguf --type q4_0 --method gptq --calib wiki.txt --act-order
   kiln quantize ./Llama-3.2-1B -o llama1b-int8.gguf --method llm-int8 --calib wiki.txt
 """
+BENCH_EXAMPLE = """examples:
+  kiln bench --shape llama-8b --device cuda          # random weights, no download
+  kiln bench llama1b-q4_0.gguf --device cuda --json
+  kiln bench --dry-run                               # the harness on a tiny model, on the CPU
+"""
 INSPECT_EXAMPLE = """examples:
   kiln inspect llama1b-q8_0.gguf
   kiln inspect llama1b-q8_0.gguf --json > info.json
@@ -227,6 +232,34 @@ def _llm_int8_quantizer(args: argparse.Namespace, checkpoint):
                               on_layer=lambda i, n: bar.update())
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """kiln bench: prefill/decode speed, peak memory and decode's share of the memory roofline."""
+    import json
+
+    from kilnlm.runtime import bench
+    from kilnlm.runtime.engine import _device, resolve_dtype
+
+    if args.dry_run:  # the harness on a tiny model, anywhere, in seconds; the figures mean nothing
+        args.shape, args.prompt_tokens, args.new_tokens = "tiny", 32, 8
+    if args.model:
+        model = _load(args, args.model).model
+    else:
+        device = _device(args.device)
+        model = bench.synthetic_model(bench.synthetic_config(args.shape), device, resolve_dtype(args.dtype, device))
+    result = bench.run_bench(model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+        return 0
+    peak = f"{result.peak_memory_bytes / 2**30:.2f} GiB" if result.peak_memory_bytes is not None else "n/a (CPU)"
+    print(f"device {result.device}{' (dry run: tiny model, figures are not meaningful)' if args.dry_run else ''}\n"
+          f"prefill  {result.prefill_tokens_per_s:10.1f} tokens/s  ({result.prompt_tokens}-token prompt)\n"
+          f"decode   {result.decode_tokens_per_s:10.1f} tokens/s  ({result.new_tokens} tokens, batch 1)\n"
+          f"weights  {result.weight_bytes / 2**20:10.1f} MiB read per token; copy bandwidth "
+          f"{result.bandwidth_gb_per_s:.1f} GB/s -> roofline {result.roofline_tokens_per_s:.1f} tokens/s\n"
+          f"decode is {100 * result.roofline_share:.1f}% of the roofline; peak memory {peak}")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     """kiln inspect: a GGUF file's metadata and tensor table."""
     import json
@@ -327,6 +360,16 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--group-size", type=int, default=32, help="gptq group size; ggml blocks need 32")
     quantize.add_argument("--device", default="cpu", help="device for calibration (cpu, cuda)")
     quantize.add_argument("--allow-pickle", action="store_true", help="allow reading pytorch_model.bin pickles")
+
+    bench = add("bench", cmd_bench, "Measure prefill and decode speed against the memory roofline.",
+                BENCH_EXAMPLE)
+    bench.add_argument("model", nargs="?", default=None, help="HF folder or GGUF file (or use --shape)")
+    bench.add_argument("--shape", default="llama-1b", help="synthetic model when no MODEL: llama-1b, llama-8b, tiny")
+    bench.add_argument("--prompt-tokens", type=int, default=512, help="prefill length (default: 512)")
+    bench.add_argument("--new-tokens", type=int, default=128, help="decode steps (default: 128)")
+    bench.add_argument("--dry-run", action="store_true", help="run the harness on a tiny model (CPU-friendly)")
+    bench.add_argument("--json", action="store_true", help="print JSON")
+    _add_model_options(bench)
 
     inspect = add("inspect", cmd_inspect, "Show a GGUF file's metadata, tensors and size.", INSPECT_EXAMPLE)
     inspect.add_argument("file", help="GGUF file")
