@@ -80,8 +80,13 @@ def _load(args: argparse.Namespace, model: str | None):
     started = time.perf_counter()
     engine = Engine.load(path, device=args.device, dtype=args.dtype, context_length=args.ctx,
                          allow_pickle=args.allow_pickle)
-    params = sum(p.numel() for p in engine.model.parameters())
-    _info(f"loaded {path} ({params / 1e6:.1f}M parameters, {engine.config.architecture}) "
+    weights = sum(t.numel() * t.element_size() for t in [*engine.model.parameters(), *engine.model.buffers()])
+    where = f"{args.device}"
+    if engine.model.embed_tokens.weight.is_cuda:
+        import torch
+
+        where += f", {torch.cuda.memory_allocated() / 2**20:.0f} MiB of GPU memory allocated"
+    _info(f"loaded {path} ({engine.config.architecture}, {weights / 2**20:.1f} MiB of weights on {where}) "
           f"in {time.perf_counter() - started:.2f}s")
     return engine
 

@@ -38,7 +38,8 @@ TARGET_TYPES = {  # --type -> (format of 2-D weights, GGUF general.file_type)
     "q4_0": ("q4_0", LlamaFileType.MOSTLY_Q4_0),
     "q4_1": ("q4_1", LlamaFileType.MOSTLY_Q4_1),
 }
-ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency divisors (Llama 3.1 rope scaling)
+ROPE_FREQS = "rope_freqs.weight"
+PACKED_RUNTIME_FORMATS = ("q4_0", "q4_1", "q8_0")  # the formats kernels/dequant_matmul.py multiplies through  # llama.cpp's per-frequency divisors (Llama 3.1 rope scaling)
 
 # kilnlm (HF-style) parameter names <-> llama.cpp tensor names; {i} is the block index.
 _NAMES = {
@@ -242,10 +243,25 @@ class GGUFCheckpoint:
         heads = _qk_heads(self.config, name)
         return unpermute_qk(weight, heads) if heads else weight
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (kilnlm name, float32 tensor in HF layout), dequantising one tensor at a time."""
+    def tensors(self, *, packed: bool = False) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+        """Yield (kilnlm name, float32 tensor in HF layout), dequantising one tensor at a time.
+
+        With `packed`, block linears stored as Q4_0 / Q4_1 / Q8_0 come as QuantizedTensor instead (rows
+        in HF order), for runtimes that multiply through packed weights.
+        """
         for name in self._names:
-            yield name, self.tensor(name)
+            quantized = self.packed(name) if packed else None
+            yield name, quantized if quantized is not None else self.tensor(name)
+
+    def packed(self, name: str) -> QuantizedTensor | None:
+        """A block linear's weight as stored, if it is Q4_0 / Q4_1 / Q8_0 (rows back in HF order)."""
+        info = self.file.tensors[self._names[name]]
+        fmt = format_for_gguf_type(info.ggml_type)
+        if fmt.name not in PACKED_RUNTIME_FORMATS or not name.startswith("layers.") or len(info.shape) != 2:
+            return None
+        data = self.file.raw(info.name).reshape(fmt.packed_shape(info.shape))
+        heads = _qk_heads(self.config, name)
+        return QuantizedTensor(fmt, info.shape, (unpermute_qk(data, heads) if heads else data).clone())
 
     def tokenizer(self):
         """The tokenizer stored in the file's metadata."""

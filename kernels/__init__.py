@@ -1,12 +1,51 @@
-"""Compute kernels, each beside its pure-torch reference.
+"""Compute kernels, each beside its pure-torch reference, and the one place that picks between them.
 
-This module is the one dispatch point the models call. Today every op is the reference; the Triton
-kernels (GPU issue) will be chosen here, by device, and nowhere else.
+On a CUDA tensor the Triton kernel runs; anywhere else the reference does. Nothing else in the codebase
+chooses a kernel. There is no silent fallback: a CUDA tensor without triton installed raises.
 """
 
-from kilnlm.kernels.activation import silu_mul_ref as silu_mul
-from kilnlm.kernels.attention import attention_ref as attention
-from kilnlm.kernels.norm import rms_norm_ref as rms_norm
-from kilnlm.kernels.rope import apply_rotary_ref as apply_rotary
+from __future__ import annotations
 
-__all__ = ["apply_rotary", "attention", "rms_norm", "silu_mul"]
+import torch
+
+from kilnlm.kernels.activation import silu_mul_ref
+from kilnlm.kernels.attention import attention_ref as attention
+from kilnlm.kernels.norm import rms_norm_ref
+from kilnlm.kernels.rope import apply_rotary_ref
+
+__all__ = ["apply_rotary", "attention", "packed_matmul", "rms_norm", "silu_mul"]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm (fp32 statistics, HF's rounding order)."""
+    if x.is_cuda:
+        from kilnlm.kernels.norm import rms_norm_triton
+
+        return rms_norm_triton(x.contiguous(), weight, eps)
+    return rms_norm_ref(x, weight, eps)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """RoPE on q (B, Hq, T, D) and k (B, Hkv, T, D) with (T, D) tables."""
+    if q.is_cuda:
+        from kilnlm.kernels.rope import apply_rotary_triton
+
+        # The Triton kernel rotates in place, so give it fresh contiguous copies of the projection views.
+        return apply_rotary_triton(q.contiguous(), k.contiguous(), cos, sin)
+    return apply_rotary_ref(q, k, cos, sin)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's silu(gate) * up."""
+    if gate.is_cuda:
+        from kilnlm.kernels.activation import silu_mul_triton
+
+        return silu_mul_triton(gate.contiguous(), up.contiguous())
+    return silu_mul_ref(gate, up)
+
+
+def packed_matmul(x: torch.Tensor, weight) -> torch.Tensor:
+    """x · dequant(W)ᵀ for a kernel-packed Q4_0 / Q4_1 / Q8_0 weight (kernels.dequant_matmul.PackedWeight)."""
+    from kilnlm.kernels import dequant_matmul as dm
+
+    return dm.dequant_matmul(x, weight) if x.is_cuda else dm.dequant_matmul_ref(x, weight)

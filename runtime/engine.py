@@ -83,9 +83,14 @@ class Engine:
         dtype: str | torch.dtype = "auto",
         context_length: int | None = None,
         allow_pickle: bool = False,
+        packed_weights: bool | None = None,
         progress: bool = True,
     ) -> Engine:
-        """Load an HF checkpoint folder or a GGUF file onto `device` in `dtype` ('auto', 'float32', 'bf16', ...)."""
+        """Load an HF checkpoint folder or a GGUF file onto `device` in `dtype` ('auto', 'float32', 'bf16', ...).
+
+        `packed_weights` keeps a GGUF file's Q4_0/Q4_1/Q8_0 block linears packed and multiplies through
+        them (the default on CUDA, where the Triton kernels run); otherwise they are dequantised at load.
+        """
         from kilnlm.export.checkpoint import open_checkpoint
 
         path = Path(path)
@@ -93,8 +98,10 @@ class Engine:
         checkpoint = open_checkpoint(path, allow_pickle=allow_pickle)
         tokenizer = checkpoint.tokenizer()
         config = checkpoint.config
+        packed = device.type == "cuda" if packed_weights is None else packed_weights
+        source_tensors = checkpoint.tensors(packed=True) if packed and hasattr(checkpoint, "packed") else checkpoint.tensors()
         tensors = tqdm(
-            checkpoint.tensors(),
+            source_tensors,
             total=checkpoint.num_tensors() or None,
             desc=f"loading {path.name}",
             unit="tensor",
@@ -103,7 +110,7 @@ class Engine:
             leave=False,
         )
         model = build_model(config, tensors, device=device, dtype=resolve_dtype(dtype, device), source=str(path))
-        _use_packed_weights(model, checkpoint)
+        _use_int8_linears(model, checkpoint)
         return cls(model, tokenizer, context_length=_context_length(config, context_length), source=str(path))
 
     @property
@@ -188,8 +195,8 @@ def _context_length(config: ModelConfig, requested: int | None) -> int:
     return requested
 
 
-def _use_packed_weights(model: nn.Module, checkpoint) -> None:
-    """Swap in the runtime modules for weights a file stores in a form the runtime runs directly (LLM.int8)."""
+def _use_int8_linears(model: nn.Module, checkpoint) -> None:
+    """Swap in Int8Linear for the layers an LLM.int8 file stores as int8 codes and fp16 outlier columns."""
     int8_weight = getattr(checkpoint, "int8_weight", None)
     if int8_weight is None:
         return

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from conftest import REPO
 from kilnlm.runtime import bench
 
 
@@ -42,3 +43,13 @@ def test_synthetic_shapes_are_real_llama_sizes():
     assert (eight_b.hidden_size, eight_b.num_layers, eight_b.intermediate_size) == (4096, 32, 14336)
     with pytest.raises(ValueError, match="unknown shape"):
         bench.synthetic_config("llama-70b")
+
+
+def test_kernel_benchmark_dry_run_times_every_format_and_shape():
+    pytest.importorskip("triton")
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernels.py"), "--dry-run", "--json"], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert {r["format"] for r in rows} == {"q4_0", "q4_1", "q8_0"} and {r["M"] for r in rows} == {1, 33}
+    assert all(r["seconds"] > 0 and r["GB_per_s"] > 0 for r in rows)

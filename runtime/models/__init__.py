@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from kilnlm.errors import CheckpointError
+from kilnlm.quant.formats import QuantizedTensor
 from kilnlm.runtime.config import ModelConfig
 from kilnlm.runtime.models.llama import LlamaModel
 
@@ -41,6 +42,10 @@ def build_model(
     for name, tensor in tensors:
         if name not in params:
             continue  # e.g. rotary inv_freq buffers that some exporters save
+        if isinstance(tensor, QuantizedTensor):
+            _use_quantized_linear(model, name, tensor, torch.device(device))
+            loaded.add(name)
+            continue
         if tuple(tensor.shape) != tuple(params[name].shape):
             raise CheckpointError(
                 f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(params[name].shape)} "
@@ -54,6 +59,21 @@ def build_model(
         raise CheckpointError(f"{source}: missing tensors {shown}")
     model.rotary.to(device)
     return model.eval()
+
+
+def _use_quantized_linear(model: nn.Module, name: str, weight: QuantizedTensor, device: torch.device) -> None:
+    """Replace the nn.Linear owning `name` by a QuantizedLinear (its bias, if any, is loaded separately)."""
+    from kilnlm.runtime.models.quantized_linear import QuantizedLinear
+
+    owner_name, _, linear_name = name.removesuffix(".weight").rpartition(".")
+    owner = model.get_submodule(owner_name)
+    linear = getattr(owner, linear_name)
+    if tuple(weight.shape) != (linear.out_features, linear.in_features):
+        raise CheckpointError(f"tensor {name!r} has shape {weight.shape}, expected "
+                              f"{(linear.out_features, linear.in_features)} from the model config")
+    quantized = QuantizedLinear.from_quantized(weight, device)
+    quantized.bias = linear.bias  # still on meta here; a bias tensor later in the stream replaces it
+    setattr(owner, linear_name, quantized)
 
 
 def _assign(model: nn.Module, name: str, value: nn.Parameter) -> None:
