@@ -13,7 +13,7 @@ from kilnlm.kernels.attention import attention_ref as attention
 from kilnlm.kernels.norm import rms_norm_ref
 from kilnlm.kernels.rope import apply_rotary_ref
 
-__all__ = ["apply_rotary", "attention", "packed_matmul", "rms_norm", "silu_mul"]
+__all__ = ["apply_rotary", "attention", "int8_linear", "packed_matmul", "rms_norm", "silu_mul"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -49,3 +49,15 @@ def packed_matmul(x: torch.Tensor, weight) -> torch.Tensor:
     from kilnlm.kernels import dequant_matmul as dm
 
     return dm.dequant_matmul(x, weight) if x.is_cuda else dm.dequant_matmul_ref(x, weight)
+
+
+def int8_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """LLM.int8's W8A8 + fp16-outlier product for a quant.llm_int8.Int8Weight."""
+    if x.is_cuda:
+        from kilnlm.kernels.int8_matmul import int8_linear_triton
+
+        return int8_linear_triton(x, weight, bias)
+    # The reference lives with the Int8Weight format it defines; imported here only when it runs.
+    from kilnlm.quant.llm_int8 import int8_linear_forward
+
+    return int8_linear_forward(x, weight, bias)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kilnlm.quant.llm_int8 import Int8Weight, int8_linear_forward
+from kilnlm import kernels
+from kilnlm.quant.llm_int8 import Int8Weight
 
 
 class Int8Linear(nn.Module):
@@ -30,7 +31,7 @@ class Int8Linear(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear_forward(x, self._weight, self.bias)
+        return kernels.int8_linear(x, self._weight, self.bias)
 
 
 def use_int8_linears(model: nn.Module, weights: dict[str, Int8Weight]) -> None:
