@@ -131,6 +131,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """kiln chat: an interactive, streaming conversation that reuses the KV cache across turns."""
+    from kilnlm.runtime.engine import _generation_params
+
+    _generation_params(**_sampling_kwargs(args))  # bad sampling options fail now, not at the first message
     engine = _load(args, args.model)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)

@@ -453,6 +453,8 @@ def write_gguf(
     if target not in TARGET_TYPES:
         raise CheckpointError(f"unknown GGUF type {target!r}; choose one of {', '.join(TARGET_TYPES)}")
     config, out_path = checkpoint.config, Path(out_path)
+    if not out_path.parent.is_dir():
+        raise CheckpointError(f"{out_path}: the folder {out_path.parent} does not exist")
     started = time.perf_counter()
     quantizer = quantizer or RoundToNearest()
     plan = quantizer.plan(checkpoint, plan_tensors(checkpoint, target))

@@ -29,6 +29,8 @@ K-quants (Q2_K..Q6_K) are read-only: they dequantise llama.cpp files but cannot 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import math
 import sys
 from dataclasses import dataclass
@@ -69,7 +71,7 @@ class QuantizationError(KilnError):
 _CHUNK_WEIGHTS = 1 << 20
 
 
-class WeightFormat:
+class WeightFormat(ABC):
     """A packed weight format: ggml byte layout, quantize/dequantize, GGUF type.
 
     Subclasses set the class attributes and implement `_quantize_blocks` / `_dequantize_blocks`,
@@ -117,7 +119,7 @@ class WeightFormat:
             raise QuantizationError(f"{self.name}: expected a floating-point torch.Tensor, got {kind}")
         out_shape = self.packed_shape(weights.shape)
         w = weights.detach().to(torch.float32).contiguous()
-        _check_finite(w, self.name)
+        check_finite(w, self.name)
         blocks = w.reshape(-1, self.block_size)
         packed = torch.empty((blocks.shape[0], self.bytes_per_block), dtype=torch.uint8, device=w.device)
         step = max(1, _CHUNK_WEIGHTS // self.block_size)
@@ -144,13 +146,13 @@ class WeightFormat:
             out[start : start + step] = self._dequantize_blocks(blocks[start : start + step])
         return out.reshape(shape)
 
+    @abstractmethod
     def _quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         """float32 (n_blocks, block_size) -> uint8 (n_blocks, bytes_per_block)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         """uint8 (n_blocks, bytes_per_block) -> float32 (n_blocks, block_size)."""
-        raise NotImplementedError
 
 
 # The registry table: the only module-level mutable state. Keyed by format name.
@@ -244,7 +246,8 @@ class QuantizedTensor:
 # Helpers shared by the formats
 
 
-def _check_finite(w: torch.Tensor, name: str) -> None:
+def check_finite(w: torch.Tensor, name: str) -> None:
+    """Raise QuantizationError naming the count and first index of NaN/Inf values in `w`."""
     # A NaN or Inf anywhere makes the sum non-finite; the sum is vectorised, isfinite is not.
     if bool(torch.isfinite(w.sum())) or bool(torch.isfinite(w).all()):
         return
@@ -446,6 +449,10 @@ class Q4_1Format(WeightFormat):
 
 class _KQuantFormat(WeightFormat):
     can_quantize = False
+
+    def _quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        # quantize() refuses read-only formats before it gets here.
+        raise QuantizationError(f"{self.name} is read-only in kilnlm")
 
 
 class Q2_KFormat(_KQuantFormat):

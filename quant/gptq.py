@@ -47,6 +47,7 @@ are checked against the registry: its dequantisation must equal GPTQ's Q bit for
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -123,27 +124,27 @@ class HessianAccumulator:
 # ggml grids: group parameters, code assignment and values, exactly as quant/formats.py computes them.
 
 
-class _Grid:
+class _Grid(ABC):
     """One ggml legacy format's grid. Parameters are (rows, 1) float32 columns; candidates (C, rows, 1)."""
 
     name: str
     has_min: bool = False
 
+    @abstractmethod
     def candidates(self, G: torch.Tensor, search: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Unrounded (d, lo) candidates for blocks G (rows, 32), each (C, rows, 1); index 0 is ggml's."""
-        raise NotImplementedError
 
+    @abstractmethod
     def encode(self, w: torch.Tensor, inv: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
         """Codes (float32) of weights w given the float32 reciprocal scale and minimum."""
-        raise NotImplementedError
 
+    @abstractmethod
     def decode(self, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """Values of codes given the fp16-rounded scale and minimum (as float32)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def pack(self, codes: torch.Tensor, d16: torch.Tensor, m16: torch.Tensor) -> torch.Tensor:
         """ggml blocks uint8 (n, bytes_per_block) from codes (n, 32) and fp16 parameters (n, 1)."""
-        raise NotImplementedError
 
 
 class _Q4_0Grid(_Grid):

@@ -49,7 +49,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from kilnlm.quant.formats import QuantizationError
+from kilnlm.quant.formats import QuantizationError, check_finite
 
 __all__ = [
     "DEFAULT_THRESHOLD",
@@ -196,7 +196,7 @@ def quantize_llm_int8(
         kind = f"{weight.dtype} {tuple(weight.shape)}" if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise QuantizationError(f"LLM.int8: expected a floating-point (out_features, in_features) weight, got {kind}")
     w = weight.detach().to(torch.float32)  # (out, in)
-    _check_finite(w, "LLM.int8")
+    check_finite(w, "LLM.int8")
     idx = _outlier_index(outlier_idx, w.shape[1], w.device)  # (n,)
 
     outlier_weight = w[:, idx].to(torch.float16)  # (out, n)
@@ -239,7 +239,7 @@ def vectorwise_int8_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
         kind = f"{weight.dtype} {tuple(weight.shape)}" if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise QuantizationError(f"vector-wise INT8: expected a floating-point (out, in) weight, got {kind}")
     w32 = weight.detach().to(torch.float32)  # (out, in)
-    _check_finite(w32, "vector-wise INT8")
+    check_finite(w32, "vector-wise INT8")
     x2 = _flat_input(x, w32.shape[1], "vectorwise_int8_forward")  # (T, in)
     w_q, w_scale = _absmax_int8(w32)  # (out, in), (out,)
     x_q, x_scale = _absmax_int8(x2)  # (T, in), (T,)
@@ -337,19 +337,6 @@ def _outlier_index(outlier_idx: torch.Tensor, in_features: int, device: torch.de
             f"got {int(idx[0])}..{int(idx[-1])}"
         )
     return idx
-
-
-def _check_finite(w: torch.Tensor, what: str) -> None:
-    if bool(torch.isfinite(w).all()):
-        return
-    n_nan = int(torch.isnan(w).sum())
-    n_inf = int(torch.isinf(w).sum())
-    first = tuple(int(i) for i in torch.nonzero(~torch.isfinite(w))[0])
-    raise QuantizationError(
-        f"{what}: cannot quantize a weight of shape {tuple(w.shape)} holding {n_nan} NaN and {n_inf} Inf "
-        f"value(s) (first at index {first}); non-finite weights mean the checkpoint is corrupt"
-    )
-
 
 
 # ---------------------------------------------------------------------------------------------

@@ -116,13 +116,14 @@ class Generator:
         logits = self._prefill(list(prompt_ids))
         stats.prefill_seconds = time.perf_counter() - started
         sampler = Sampler(params.sampling, device=logits.device)
-        history = torch.tensor(list(prompt_ids), dtype=torch.long, device=logits.device)
+        penalise = params.sampling.repetition_penalty != 1.0
+        history = torch.tensor(list(prompt_ids), dtype=torch.long, device=logits.device) if penalise else None
         detok, stops = self.tokenizer.stream(), _StopStringFilter(params.stop)
         eos = set() if params.ignore_eos else set(self.tokenizer.eos_ids)
         decode_started = time.perf_counter()
         stats.finish_reason = "cancelled"  # replaced below unless the consumer abandons the stream
         while True:
-            token = sampler(logits, history if params.sampling.repetition_penalty != 1.0 else None)
+            token = sampler(logits, history)
             if token in eos:
                 stats.finish_reason = "eos"
                 break
@@ -137,8 +138,9 @@ class Generator:
             if stats.generated_tokens >= params.max_new_tokens or self.cache.length >= self.cache.capacity:
                 stats.finish_reason = "length"
                 break
-            history = torch.cat([history, history.new_tensor([token])])
-            logits = self.model(history.new_tensor([[token]]), self.cache)[0, -1]
+            if penalise:
+                history = torch.cat([history, history.new_tensor([token])])
+            logits = self.model(torch.tensor([[token]], device=logits.device), self.cache)[0, -1]
             stats.decode_seconds = time.perf_counter() - decode_started
         if not stops.stopped:
             tail = stops.feed(detok.flush()) + stops.flush()

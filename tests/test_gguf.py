@@ -289,3 +289,10 @@ def test_llama_cpp_itself_agrees_on_greedy_tokens(tmp_path, shared_dir):
         if len(theirs) == len(ours):
             break
     assert theirs == ours
+
+
+def test_export_into_a_missing_folder_is_a_clear_error(tmp_path, sp_tokenizer_files):
+    _, folder = _hf_folder(tmp_path, sp_tokenizer_files, "llama", {})
+    with pytest.raises(CheckpointError, match="does not exist"):
+        write_gguf(open_checkpoint(folder), tmp_path / "missing" / "m.gguf", "q8_0")
+    assert not (tmp_path / "missing").exists()
