@@ -23,6 +23,7 @@ QUANTIZE_EXAMPLE = """examples:
   kiln quantize ./Llama-3.2-1B -o llama1b-q8_0.gguf --type q8_0
   kiln quantize model-f16.gguf -o model-q4_0.gguf --type q4_0
   kiln quantize ./Llama-3.2-1B -o llama1b-gptq-q4_0.gguf --type q4_0 --method gptq --calib wiki.txt --act-order
+  kiln quantize ./my-model -o my-gptq-q4_0.gguf --type q4_0 --method gptq --calib c4.txt --model-samples 64
   kiln quantize ./Llama-3.2-1B -o llama1b-int8.gguf --method llm-int8 --calib wiki.txt
 """
 BENCH_EXAMPLE = """examples:
@@ -223,7 +224,8 @@ def _gptq_quantizer(args: argparse.Namespace, checkpoint):
         _info("no --calib text given: calibrating on text sampled from the model itself (real text is better)")
     bar = tqdm(total=checkpoint.config.num_layers, desc="GPTQ", unit="block", file=sys.stderr)
     return gptq_quantizer(checkpoint, calib_files=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-                          seed=args.seed, act_order=args.act_order, scale_search=not args.no_scale_search,
+                          seed=args.seed, model_samples=args.model_samples, act_order=args.act_order,
+                          scale_search=not args.no_scale_search, float_targets=not args.no_float_targets,
                           device=args.device, on_layer=lambda i, n: bar.update())
 
 
@@ -236,7 +238,7 @@ def _llm_int8_quantizer(args: argparse.Namespace, checkpoint):
         _info("no --calib text given: calibrating on text sampled from the model itself (real text is better)")
     bar = tqdm(total=checkpoint.config.num_layers, desc="LLM.int8 calibration", unit="block", file=sys.stderr)
     return llm_int8_quantizer(checkpoint, calib_files=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-                              seed=args.seed, threshold=args.threshold, device=args.device,
+                              seed=args.seed, model_samples=args.model_samples, threshold=args.threshold, device=args.device,
                               on_layer=lambda i, n: bar.update())
 
 
@@ -360,11 +362,18 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--calib", nargs="+", default=[], metavar="FILE",
                           help="plain-text calibration files for gptq/llm-int8 (default: text sampled from the model)")
     quantize.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default: 128)")
+    quantize.add_argument("--model-samples", type=int, default=None, metavar="K",
+                          help="how many of the --nsamples sequences are text sampled from the model itself, the rest "
+                          "coming from --calib (default: all without --calib, none with it). Half and half calibrates "
+                          "for both the model's own domain and real text")
     quantize.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence (default: 512)")
     quantize.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows (default: 0)")
     quantize.add_argument("--act-order", action="store_true", help="gptq: visit columns by decreasing Hessian "
                           "diagonal (static groups keep one scale per ggml block)")
     quantize.add_argument("--no-scale-search", action="store_true", help="gptq: keep ggml's own block scales")
+    quantize.add_argument("--no-float-targets", action="store_true", help="gptq: solve each layer for its own "
+                          "output on the quantized model's inputs (the reference's way) instead of for the float "
+                          "model's output, which also undoes the error of the layers before it")
     quantize.add_argument("--group-size", type=int, default=32, help="gptq group size; ggml blocks need 32")
     quantize.add_argument("--device", default="cpu", help="device for calibration (cpu, cuda)")
     quantize.add_argument("--allow-pickle", action="store_true", help="allow reading pytorch_model.bin pickles")

@@ -84,13 +84,16 @@ def generated_calibration_ids(model: nn.Module, tokenizer, nsamples: int, seqlen
 class LayerRunner:
     """Runs calibration activations through the decoder blocks of a checkpoint, one block at a time."""
 
-    def __init__(self, checkpoint, ids: torch.Tensor, *, device: str | torch.device = "cpu", batch_size: int = 8):
+    def __init__(self, checkpoint, ids: torch.Tensor, *, device: str | torch.device = "cpu", batch_size: int = 8,
+                 float_stream: bool = False):
         self.checkpoint = checkpoint
         self.config: ModelConfig = checkpoint.config
         self.device = torch.device(device)
         self.batch_size = batch_size
         embedding = checkpoint.tensor("embed_tokens.weight").to(self.device, torch.float32)
         self.hidden = F.embedding(ids.to(self.device), embedding)  # (nsamples, seqlen, H)
+        # The same samples through the float model, for methods that aim at its outputs (GPTQ's float targets).
+        self.float_hidden = self.hidden.clone() if float_stream else None
         cos, sin = RotaryEmbedding(self.config).to(self.device)(0, ids.shape[1])
         self.cos, self.sin = cos, sin
 
@@ -116,22 +119,67 @@ class LayerRunner:
             handle.remove()
 
     @torch.no_grad()
-    def advance(self, layer: DecoderLayer) -> None:
-        """Replace the activations by the block's outputs (computed with whatever weights it now holds)."""
-        self.hidden = torch.cat([layer(batch, self.cos, self.sin, None) for batch in self.hidden.split(self.batch_size)])
+    def observe_with_float(self, layer: DecoderLayer, float_layer: DecoderLayer, module_name: str,
+                           callback: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
+        """Like `observe`, with each batch's inputs of `module_name` in the float model passed alongside."""
+        if self.float_hidden is None:
+            raise CalibrationError("internal error: observe_with_float needs LayerRunner(float_stream=True)")
+        inputs: list[torch.Tensor] = []
+        handles = [m.get_submodule(module_name).register_forward_hook(lambda _m, i, _o: inputs.append(i[0]))
+                   for m in (layer, float_layer)]
+        try:
+            for batch, float_batch in zip(self.hidden.split(self.batch_size), self.float_hidden.split(self.batch_size)):
+                layer(batch, self.cos, self.sin, None)
+                float_layer(float_batch, self.cos, self.sin, None)
+                callback(*inputs)
+                inputs.clear()
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @torch.no_grad()
+    def advance(self, layer: DecoderLayer, float_layer: DecoderLayer | None = None) -> None:
+        """Replace the activations by the block's outputs (computed with whatever weights it now holds).
+
+        With a float stream, `float_layer` (the block with its checkpoint weights) advances that stream too.
+        """
+        self.hidden = self._run(layer, self.hidden)
+        if self.float_hidden is not None:
+            if float_layer is None:
+                raise CalibrationError("internal error: a LayerRunner with a float stream needs the float block")
+            self.float_hidden = self._run(float_layer, self.float_hidden)
+
+    def _run(self, layer: DecoderLayer, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.cat([layer(batch, self.cos, self.sin, None) for batch in hidden.split(self.batch_size)])
 
 
 def load_calibration(checkpoint, files: Sequence[str | Path], nsamples: int, seqlen: int, seed: int,
-                     device: str | torch.device = "cpu") -> tuple[torch.Tensor, str]:
-    """Calibration ids from text files, or sampled from the model when none are given; and a description."""
+                     device: str | torch.device = "cpu", model_samples: int | None = None) -> tuple[torch.Tensor, str]:
+    """(nsamples, seqlen) calibration ids and a description of where they came from.
+
+    `model_samples` of the windows are text sampled from the model itself and the rest are drawn from
+    `files`; by default all of them are sampled when no file is given, and none otherwise. Mixing the two
+    covers both the states the model visits on its own domain and those real text drives it into.
+    """
     if nsamples < 1 or seqlen < 2:
         raise CalibrationError(f"need at least 1 sample of at least 2 tokens (got {nsamples} x {seqlen})")
+    if model_samples is None:
+        model_samples = 0 if files else nsamples
+    if not 0 <= model_samples <= nsamples:
+        raise CalibrationError(f"model samples must be between 0 and nsamples ({nsamples}), got {model_samples}")
+    if model_samples < nsamples and not files:
+        raise CalibrationError(f"{nsamples - model_samples} calibration windows should come from text files, but "
+                               "no --calib file was given")
     tokenizer = checkpoint.tokenizer()
-    if files:
-        ids = calibration_ids(tokenizer, files, nsamples, seqlen, seed)
-        return ids, "files: " + ", ".join(Path(f).name for f in files)
-    from kilnlm.runtime.models import build_model
+    parts, sources = [], []
+    if model_samples:
+        from kilnlm.runtime.models import build_model
 
-    model = build_model(checkpoint.config, checkpoint.tensors(), device=device, dtype=torch.float32)
-    ids = generated_calibration_ids(model, tokenizer, nsamples, seqlen, seed)
-    return ids.cpu(), "generated by the model (no --calib given)"
+        model = build_model(checkpoint.config, checkpoint.tensors(), device=device, dtype=torch.float32)
+        parts.append(generated_calibration_ids(model, tokenizer, model_samples, seqlen, seed).cpu())
+        sources.append(f"{model_samples} sampled from the model")
+        del model
+    if model_samples < nsamples:
+        parts.append(calibration_ids(tokenizer, files, nsamples - model_samples, seqlen, seed))
+        sources.append(f"{nsamples - model_samples} from " + ", ".join(Path(f).name for f in files))
+    return torch.cat(parts), "; ".join(sources)

@@ -297,3 +297,43 @@ def test_hessian_error_is_the_output_error(layer):
     Q = rtn_quantize(W, "q4_0")
     out_err = float(((X.double() @ (W - Q.dequantize()).double().t()) ** 2).sum()) * 2 / 256
     assert hessian_error(W, Q, acc.hessian) == pytest.approx(out_err, rel=1e-4)
+
+
+def test_float_target_with_identical_streams_is_the_weight():
+    """When the quantized model's inputs equal the float model's, there is nothing to undo: W* = W."""
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(400, 64, generator=g) * torch.linspace(0.2, 2, 64)
+    W = torch.randn(16, 64, generator=g)
+    acc = HessianAccumulator(64, float_targets=True)
+    for batch in X.split(128):
+        acc.add_batch(batch, batch)
+    torch.testing.assert_close(acc.cross, acc.hessian)
+    torch.testing.assert_close(acc.target_weight(W, percdamp=0.01), W, rtol=1e-4, atol=1e-5)
+
+
+def test_float_target_undoes_a_known_input_drift():
+    """Float inputs x = x̃ M: the layer's float output x Wᵀ is x̃ (W Mᵀ)ᵀ, so the target is W Mᵀ."""
+    g = torch.Generator().manual_seed(6)
+    X_quant = torch.randn(2000, 32, generator=g)
+    M = torch.eye(32) + 0.1 * torch.randn(32, 32, generator=g)
+    W = torch.randn(8, 32, generator=g)
+    acc = HessianAccumulator(32, float_targets=True)
+    acc.add_batch(X_quant, X_quant @ M)
+    torch.testing.assert_close(acc.target_weight(W, percdamp=1e-7), W @ M.t(), rtol=1e-3, atol=1e-4)
+    # Solving GPTQ for the target lowers the error against the float outputs, which is what the model sees.
+    H = acc.hessian
+    float_out = (X_quant @ M) @ W.t()
+    plain, aimed = (gptq_quantize(w, H, "q4_0").dequantize() for w in (W, acc.target_weight(W, 0.01)))
+    error = [float(((X_quant @ q.t()) - float_out).square().mean()) for q in (plain, aimed)]
+    assert error[1] < 0.5 * error[0]
+
+
+def test_float_inputs_must_match_the_accumulator():
+    with pytest.raises(QuantizationError, match="float inputs"):
+        HessianAccumulator(8).add_batch(torch.zeros(2, 8), torch.zeros(2, 8))
+    with pytest.raises(QuantizationError, match="float inputs"):
+        HessianAccumulator(8, float_targets=True).add_batch(torch.zeros(2, 8))
+    with pytest.raises(QuantizationError, match="do not match"):
+        HessianAccumulator(8, float_targets=True).add_batch(torch.zeros(2, 8), torch.zeros(3, 8))
+    with pytest.raises(QuantizationError, match="cross term"):
+        HessianAccumulator(8).cross

@@ -10,7 +10,13 @@ import torch
 
 from kilnlm.export.checkpoint import open_checkpoint
 from kilnlm.export.gguf import GGUFCheckpoint, write_gguf
-from kilnlm.quant.calibration import CalibrationError, LayerRunner, calibration_ids
+from kilnlm.quant.calibration import (
+    CalibrationError,
+    LayerRunner,
+    calibration_ids,
+    generated_calibration_ids,
+    load_calibration,
+)
 from kilnlm.quant.gptq import gptq_quantizer
 from kilnlm.runtime.engine import Engine, demo_model_path
 from kilnlm.runtime.models import build_model
@@ -100,3 +106,47 @@ def test_cli_refuses_what_ggml_blocks_cannot_hold(tmp_path):
         result = subprocess.run([*kiln, "--method", "gptq", *extra], capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and message in result.stderr
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_calibration_mixes_model_samples_and_text(demo, calib_file):
+    """--model-samples K: K windows sampled from the model first, then windows of the files, each seeded."""
+    ids, source = load_calibration(demo, [calib_file], nsamples=5, seqlen=16, seed=3, model_samples=2)
+    model = build_model(demo.config, demo.tensors())
+    assert torch.equal(ids[:2], generated_calibration_ids(model, demo.tokenizer(), 2, 16, seed=3))
+    assert torch.equal(ids[2:], calibration_ids(demo.tokenizer(), [calib_file], 3, 16, seed=3))
+    assert source == "2 sampled from the model; 3 from calib.txt"
+    only_text, _ = load_calibration(demo, [calib_file], nsamples=3, seqlen=16, seed=3)
+    assert torch.equal(only_text, ids[2:])  # with files, no model samples unless asked
+    for files, k, message in (([calib_file], 6, "between 0"), ([], 2, "no --calib file")):
+        with pytest.raises(CalibrationError, match=message):
+            load_calibration(demo, files, nsamples=5, seqlen=16, seed=0, model_samples=k)
+
+
+def _dequantized_model(path):
+    checkpoint = GGUFCheckpoint(path)
+    return build_model(checkpoint.config, checkpoint.tensors())
+
+
+def test_float_targets_bring_the_model_closer_to_the_float_model(demo, calib_file, tmp_path):
+    """Aiming every layer at the float model's output lowers the whole model's divergence from it, and the
+    F16 fallback (down_proj, 688 columns) takes its target weight instead of the checkpoint's."""
+    ids = calibration_ids(demo.tokenizer(), [calib_file], nsamples=8, seqlen=64, seed=0)
+    paths = {}
+    for float_targets in (False, True):
+        quantizer = gptq_quantizer(demo, calib_files=[str(calib_file)], nsamples=8, seqlen=64, seed=0,
+                                   float_targets=float_targets)
+        assert f"float_targets={float_targets}" in quantizer.recipe.describe()
+        paths[float_targets] = tmp_path / f"ft-{float_targets}.gguf"
+        write_gguf(demo, paths[float_targets], "q4_0", quantizer=quantizer)
+    reference = build_model(demo.config, demo.tensors())
+    with torch.no_grad():
+        p = torch.log_softmax(reference(ids), -1)
+        kl = {}
+        for float_targets, path in paths.items():
+            q = torch.log_softmax(_dequantized_model(path)(ids), -1)
+            kl[float_targets] = float((p.exp() * (p - q)).sum(-1).mean())
+    assert kl[True] < 0.5 * kl[False], kl
+    down = "layers.1.mlp.down_proj.weight"
+    rounded = demo.tensor(down).to(torch.float16)
+    assert torch.equal(GGUFCheckpoint(paths[False]).tensor(down), rounded.float())
+    assert not torch.equal(GGUFCheckpoint(paths[True]).tensor(down), rounded.float())
