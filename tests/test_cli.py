@@ -82,11 +82,13 @@ def test_chat_reset_and_exit_through_stdin(model_folder):
 def test_chat_ctrl_c_stops_the_answer_but_not_the_session():
     if not demo_model_path().is_dir():
         pytest.skip("demo model not built")
-    # Greedy, so the answer is long and the same on every run.
+    # Greedy, so the answer is long and the same on every run. A shell starts background jobs with SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt handler: give the child a terminal's default.
     proc = subprocess.Popen([*KILN, "chat", "--max-tokens", "100000", "--ctx", "4096", "--temperature", "0"],
                             stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         proc.stdin.write("ROMEO:\n")
         proc.stdin.flush()
