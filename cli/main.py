@@ -42,6 +42,7 @@ TOKENIZE_EXAMPLE = """examples:
 PERPLEXITY_EXAMPLE = """examples:
   kiln perplexity llama1b-q8_0.gguf --text wiki.test.raw --ctx 512
   kiln perplexity ./Llama-3.2-1B --text wiki.test.raw --chunks 20 --device cuda
+  kiln perplexity llama1b-q4_0.gguf --text wiki.test.raw --kl-base llama1b-f16.gguf
 (llama.cpp's protocol: chunks of --ctx tokens, BOS first, the second half of each chunk scored)
 """
 
@@ -303,6 +304,10 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     except OSError as err:
         raise KilnError(f"cannot read {args.text}: {err.strerror}") from None
     engine = _load(args, args.model)
+    base = _load(args, args.kl_base) if args.kl_base else None
+    if base is not None and base.tokenizer.encode(text) != engine.tokenizer.encode(text):
+        raise KilnError(f"{args.kl_base} tokenizes the text differently from {args.model}; "
+                        "a divergence needs the same tokenizer")
     with tqdm(desc="perplexity", unit="chunk", file=sys.stderr) as bar:
         def advance(done: int, total: int, running_ppl: float) -> None:
             bar.total = total
@@ -310,8 +315,12 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
             bar.update(done - bar.n)
 
         result = perplexity(engine.model, engine.tokenizer, text, ctx=args.ctx, chunks=args.chunks,
-                            batch=args.batch, on_chunk=advance)
+                            batch=args.batch, on_chunk=advance, base=base.model if base is not None else None)
     print(f"{result.tokens_scored} tokens scored, {result.chunks} chunks, ctx {result.ctx}, {result.seconds:.1f}s")
+    if result.divergence is not None:
+        d = result.divergence
+        print(f"base ppl = {d.base_ppl:.4f}; KL(base || model) = {d.kl_mean:.6f} +/- {d.kl_stderr:.6f}; "
+              f"same top token {100 * d.same_top:.2f}%")
     print(f"ppl = {result.ppl:.4f} +/- {result.stderr:.4f}")
     return 0
 
@@ -401,6 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
               "llama-perplexity does.", PERPLEXITY_EXAMPLE)
     ppl.add_argument("model", help="Hugging Face checkpoint folder or GGUF file")
     ppl.add_argument("--text", "-f", required=True, help="UTF-8 text file (e.g. wikitext-2-raw wiki.test.raw)")
+    ppl.add_argument("--kl-base", metavar="BASE", default=None,
+                     help="also report the KL divergence from this model's predictions (e.g. the F16 file a "
+                     "quantized one came from) and how often both pick the same top token, as llama-perplexity's "
+                     "--kl-divergence does")
     ppl.add_argument("--ctx", type=int, default=512, help="tokens per chunk; the second half is scored (default: 512)")
     ppl.add_argument("--chunks", type=int, default=None, help="score at most this many chunks (default: all)")
     ppl.add_argument("--batch", type=int, default=1, help="chunks per forward pass (default: 1)")

@@ -44,6 +44,21 @@ class PerplexityError(KilnError):
 
 
 @dataclass
+class DivergenceResult:
+    """How far a model's next-token distributions are from a base model's on the same scored positions.
+
+    These are the statistics of llama-perplexity's `--kl-divergence` mode: a steadier measure of quantization
+    damage than a perplexity difference, which a perturbation can lower by chance (e.g. on text where the
+    base model is overconfident, any noise that flattens its predictions lowers its perplexity).
+    """
+
+    kl_mean: float  # mean over scored tokens of KL(base || model) = sum_v p_base(v) (log p_base(v) - log p_model(v))
+    kl_stderr: float  # standard error of that mean (1/N variance, as llama.cpp computes it)
+    same_top: float  # fraction of scored positions where both models rank the same token first
+    base_ppl: float  # the base model's perplexity on the same chunks
+
+
+@dataclass
 class PerplexityResult:
     """One perplexity run; `ppl` and `stderr` are what llama.cpp prints as `PPL = X +/- Y`."""
 
@@ -54,6 +69,7 @@ class PerplexityResult:
     chunks: int
     ctx: int
     seconds: float  # wall time of the whole call, tokenization included
+    divergence: DivergenceResult | None = None  # against `base`, when one was given
 
 
 def perplexity(
@@ -65,15 +81,20 @@ def perplexity(
     chunks: int | None = None,
     batch: int = 1,
     on_chunk: Callable[[int, int, float], None] | None = None,
+    base: nn.Module | None = None,
 ) -> PerplexityResult:
     """Perplexity of `model` on `text` by llama.cpp's protocol (see the module docstring).
 
     `model(input_ids (B, T), cache=None)` must return logits (B, T, V) and `model.config.max_position_embeddings`
     bounds `ctx`. `chunks` caps the number of chunks (None: all), `batch` is how many chunks share one forward
-    pass, and `on_chunk(done, total, running_ppl)` is called after every chunk, in order.
+    pass, and `on_chunk(done, total, running_ppl)` is called after every chunk, in order. With a `base` model
+    (same vocabulary; e.g. the F16 model a quantized one came from) the result also holds the divergence of
+    `model` from `base` on the scored positions.
     """
     started = time.perf_counter()
     _check_settings(model, ctx, chunks, batch)
+    if base is not None:
+        _check_settings(base, ctx, chunks, batch)
     tokens = tokenizer.encode(text)  # BOS first when the tokenizer adds one, as llama.cpp tokenizes
     if len(tokens) < 2 * ctx:
         raise PerplexityError(
@@ -81,22 +102,22 @@ def perplexity(
         )
     n_chunk = len(tokens) // ctx if chunks is None else min(len(tokens) // ctx, chunks)
     bos_id = tokenizer.bos_id if tokenizer.add_bos else None
-    device = next(model.parameters()).device
     ids = torch.tensor(tokens[: n_chunk * ctx], dtype=torch.long).view(n_chunk, ctx)  # (C, ctx)
     first = ctx // 2
 
     nll_sum = nll2_sum = 0.0
     count = 0
+    divergence = _DivergenceSums() if base is not None else None
     for start in range(0, n_chunk, batch):
         targets = ids[start : start + batch]  # (b, ctx): the original tokens
         inputs = targets.clone()
         if bos_id is not None:
             inputs[:, 0] = bos_id
-        with torch.inference_mode():
-            logits = model(inputs.to(device), cache=None)  # (b, ctx, V)
-            logprobs = torch.log_softmax(logits[:, first : ctx - 1].float(), dim=-1)  # (b, ctx-1-first, V)
-            picked = logprobs.gather(-1, targets[:, first + 1 :].to(device).unsqueeze(-1)).squeeze(-1)
-            nll = (-picked).double().cpu()  # (b, ctx-1-first)
+        logprobs = _scored_logprobs(model, inputs, first)  # (b, ctx-1-first, V)
+        scored = targets[:, first + 1 :].to(logprobs.device).unsqueeze(-1)
+        nll = (-logprobs.gather(-1, scored).squeeze(-1)).double().cpu()  # (b, ctx-1-first)
+        if divergence is not None:
+            divergence.add(_scored_logprobs(base, inputs, first).to(logprobs.device), logprobs, scored)
         for k, row in enumerate(nll):  # chunk by chunk, so running values match llama.cpp's per-chunk print
             nll_sum += row.sum().item()
             nll2_sum += row.square().sum().item()
@@ -110,8 +131,44 @@ def perplexity(
     stderr = ppl * math.sqrt(variance / (count - 1)) if count > 1 else math.nan
     return PerplexityResult(
         ppl=ppl, stderr=stderr, nll_mean=mean, tokens_scored=count, chunks=n_chunk, ctx=ctx,
-        seconds=time.perf_counter() - started,
+        seconds=time.perf_counter() - started, divergence=divergence.result() if divergence is not None else None,
     )
+
+
+def _scored_logprobs(model: nn.Module, inputs: torch.Tensor, first: int) -> torch.Tensor:
+    """float32 log-probabilities (b, ctx-1-first, V) at the positions whose next token is scored."""
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        logits = model(inputs.to(device), cache=None)  # (b, ctx, V)
+        return torch.log_softmax(logits[:, first : inputs.shape[1] - 1].float(), dim=-1)
+
+
+class _DivergenceSums:
+    """Running sums for DivergenceResult over the scored positions of every chunk."""
+
+    def __init__(self) -> None:
+        self.kl_sum = self.kl2_sum = self.base_nll_sum = 0.0
+        self.same = self.count = 0
+
+    def add(self, base_logprobs: torch.Tensor, logprobs: torch.Tensor, scored: torch.Tensor) -> None:
+        if base_logprobs.shape != logprobs.shape:
+            raise PerplexityError(
+                f"the base model predicts {base_logprobs.shape[-1]} tokens and the model {logprobs.shape[-1]}; "
+                "a divergence needs the same vocabulary"
+            )
+        kl = (base_logprobs.exp() * (base_logprobs - logprobs)).sum(-1).double()  # (b, positions)
+        self.kl_sum += kl.sum().item()
+        self.kl2_sum += kl.square().sum().item()
+        self.base_nll_sum += -base_logprobs.gather(-1, scored).double().sum().item()
+        self.same += int((base_logprobs.argmax(-1) == logprobs.argmax(-1)).sum())
+        self.count += kl.numel()
+
+    def result(self) -> DivergenceResult:
+        mean = self.kl_sum / self.count
+        variance = max(self.kl2_sum / self.count - mean * mean, 0.0)
+        stderr = math.sqrt(variance / (self.count - 1)) if self.count > 1 else math.nan
+        return DivergenceResult(kl_mean=mean, kl_stderr=stderr, same_top=self.same / self.count,
+                                base_ppl=math.exp(self.base_nll_sum / self.count))
 
 
 def _check_settings(model: nn.Module, ctx: int, chunks: int | None, batch: int) -> None:

@@ -210,6 +210,36 @@ def test_matches_transformers_on_the_same_chunks(tiny_folder):
     assert ours.ppl > 10  # a random model: sanity that the comparison is not between two constants
 
 
+def test_divergence_from_a_base_model(tiny_folder):
+    """KL(base || model) and the same-top-token rate on the scored positions, checked against a direct computation."""
+    text, ctx = _story_text(12), 32
+    base = Engine.load(tiny_folder, progress=False)
+    same = perplexity(base.model, base.tokenizer, text, ctx=ctx, base=base.model).divergence
+    assert same.kl_mean == pytest.approx(0, abs=1e-6) and same.same_top == 1.0
+
+    model = Engine.load(tiny_folder, progress=False).model
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if name.endswith("proj.weight"):
+                weight += 0.5 * weight.std() * torch.randn(weight.shape, generator=g)
+    result = perplexity(model, base.tokenizer, text, ctx=ctx, batch=2, base=base.model)
+
+    tokens = base.tokenizer.encode(text)
+    n_chunk = len(tokens) // ctx
+    inputs = torch.tensor(tokens[: n_chunk * ctx]).view(n_chunk, ctx)
+    inputs[:, 0] = BOS
+    with torch.no_grad():
+        p, q = (torch.log_softmax(m(inputs)[:, ctx // 2 : ctx - 1].double(), -1) for m in (base.model, model))
+    kl = (p.exp() * (p - q)).sum(-1)
+    d = result.divergence
+    assert d.kl_mean == pytest.approx(kl.mean().item(), rel=1e-4) and d.kl_mean > 1e-3
+    assert d.kl_stderr == pytest.approx(kl.std(unbiased=False).item() / math.sqrt(kl.numel() - 1), rel=1e-3)
+    assert d.same_top == pytest.approx((p.argmax(-1) == q.argmax(-1)).double().mean().item())
+    assert 0 < d.same_top < 1
+    assert d.base_ppl == pytest.approx(perplexity(base.model, base.tokenizer, text, ctx=ctx).ppl, rel=1e-6)
+
+
 # ------------------------------------------------------------------------------------ CLI
 
 
@@ -227,6 +257,19 @@ def test_cli_prints_the_library_value_last(tiny_folder, tmp_path):
     expected = perplexity(engine.model, engine.tokenizer, _story_text(12), ctx=32, chunks=3)
     assert match.group(1) == f"{expected.ppl:.4f}" and match.group(2) == f"{expected.stderr:.4f}"
     assert "ppl=" in result.stderr  # the progress bar shows the running value
+
+
+def test_cli_kl_base_reports_the_divergence_before_the_ppl_line(tiny_folder, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(_story_text(12), encoding="utf-8")
+    result = subprocess.run([*KILN, "perplexity", str(tiny_folder), "--text", str(text), "--ctx", "32",
+                             "--chunks", "2", "--kl-base", str(tiny_folder)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1].startswith("ppl = ")
+    assert re.fullmatch(r"base ppl = \d+\.\d{4}; KL\(base \|\| model\) = 0\.000000 \+/- 0\.000000; "
+                        r"same top token 100\.00%", lines[-2]), result.stdout
 
 
 def test_cli_short_text_fails_cleanly_and_help_has_an_example(tiny_folder, tmp_path):
