@@ -622,11 +622,11 @@ class GPTQQuantizer:
         formats = {p.name: p.format for p in plan}
         layer = runner.layer(index)
         float_layer = runner.layer(index) if self.recipe.float_targets else None
+        # Linears planned in a float type (F16 fallbacks) take the float target too when there is one:
+        # storing W* costs nothing and absorbs the error of the quantized layers before them.
+        solvable = GPTQ_FORMATS + (FLOAT_FORMATS if float_layer is not None else ())
         solved: dict[str, QuantizedTensor] = {}
         for group in LINEAR_GROUPS:
-            # Linears planned in a float type (F16 fallbacks) take the float target too when there is one:
-            # storing W* costs nothing and absorbs the error of the quantized layers before them.
-            solvable = GPTQ_FORMATS + (FLOAT_FORMATS if float_layer is not None else ())
             names = [m for m in group if formats[f"layers.{index}.{m}.weight"].name in solvable]
             if not names:
                 continue
