@@ -110,13 +110,8 @@ class LayerRunner:
     @torch.no_grad()
     def observe(self, layer: DecoderLayer, module_name: str, callback: Callable[[torch.Tensor], None]) -> None:
         """Run the block over all samples and call `callback` with every batch of inputs of `module_name`."""
-        module = layer.get_submodule(module_name)
-        handle = module.register_forward_hook(lambda _m, inputs, _out: callback(inputs[0]))
-        try:
-            for batch in self.hidden.split(self.batch_size):
-                layer(batch, self.cos, self.sin, None)
-        finally:
-            handle.remove()
+        for batch in self.hidden.split(self.batch_size):
+            callback(_inputs_of(layer, module_name, batch, self.cos, self.sin))
 
     @torch.no_grad()
     def observe_with_float(self, layer: DecoderLayer, float_layer: DecoderLayer, module_name: str,
@@ -124,18 +119,9 @@ class LayerRunner:
         """Like `observe`, with each batch's inputs of `module_name` in the float model passed alongside."""
         if self.float_hidden is None:
             raise CalibrationError("internal error: observe_with_float needs LayerRunner(float_stream=True)")
-        inputs: list[torch.Tensor] = []
-        handles = [m.get_submodule(module_name).register_forward_hook(lambda _m, i, _o: inputs.append(i[0]))
-                   for m in (layer, float_layer)]
-        try:
-            for batch, float_batch in zip(self.hidden.split(self.batch_size), self.float_hidden.split(self.batch_size)):
-                layer(batch, self.cos, self.sin, None)
-                float_layer(float_batch, self.cos, self.sin, None)
-                callback(*inputs)
-                inputs.clear()
-        finally:
-            for handle in handles:
-                handle.remove()
+        for batch, float_batch in zip(self.hidden.split(self.batch_size), self.float_hidden.split(self.batch_size)):
+            callback(_inputs_of(layer, module_name, batch, self.cos, self.sin),
+                     _inputs_of(float_layer, module_name, float_batch, self.cos, self.sin))
 
     @torch.no_grad()
     def advance(self, layer: DecoderLayer, float_layer: DecoderLayer | None = None) -> None:
@@ -151,6 +137,35 @@ class LayerRunner:
 
     def _run(self, layer: DecoderLayer, hidden: torch.Tensor) -> torch.Tensor:
         return torch.cat([layer(batch, self.cos, self.sin, None) for batch in hidden.split(self.batch_size)])
+
+
+class _ModuleReached(Exception):
+    """Raised by `_inputs_of`'s hook to stop a block's forward once the watched module has its input."""
+
+    def __init__(self, inputs: torch.Tensor):
+        super().__init__()
+        self.inputs = inputs
+
+
+def _raise_inputs(_module: nn.Module, args: tuple) -> None:
+    raise _ModuleReached(args[0])
+
+
+def _inputs_of(layer: DecoderLayer, module_name: str, hidden: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> torch.Tensor:
+    """The input `module_name` receives when `layer` runs on `hidden`, computing only what precedes it.
+
+    The forward stops as the module is reached: q/k/v need only the first norm, so the statistics of a
+    block's four linear groups cost about two block forwards instead of four.
+    """
+    handle = layer.get_submodule(module_name).register_forward_pre_hook(_raise_inputs)
+    try:
+        layer(hidden, cos, sin, None)
+    except _ModuleReached as reached:
+        return reached.inputs
+    finally:
+        handle.remove()
+    raise CalibrationError(f"internal error: the block never called {module_name}")
 
 
 def load_calibration(checkpoint, files: Sequence[str | Path], nsamples: int, seqlen: int, seed: int,

@@ -12,6 +12,7 @@ from kilnlm.export.checkpoint import open_checkpoint
 from kilnlm.export.gguf import GGUFCheckpoint, write_gguf
 from kilnlm.quant.calibration import (
     CalibrationError,
+    LINEAR_GROUPS,
     LayerRunner,
     calibration_ids,
     generated_calibration_ids,
@@ -59,6 +60,27 @@ def test_layer_runner_reproduces_the_full_model(demo, calib_file):
         logits = torch.nn.functional.linear(model.norm(runner.hidden), model.embed_tokens.weight)
         assert (logits - model(ids)).abs().max() < 1e-3
 
+
+
+def test_layer_runner_observes_each_linear_input_and_stops_there(demo, calib_file):
+    """`observe` hands over exactly the inputs a full block forward gives each linear, and runs no further."""
+    ids = calibration_ids(demo.tokenizer(), [calib_file], nsamples=3, seqlen=16, seed=0)
+    runner = LayerRunner(demo, ids, batch_size=2)
+    layer = runner.layer(0)
+    expected: dict[str, list[torch.Tensor]] = {}
+    handles = [layer.get_submodule(name).register_forward_hook(
+        lambda _m, inputs, _out, name=name: expected.setdefault(name, []).append(inputs[0]))
+        for group in LINEAR_GROUPS for name in group]
+    runner._run(layer, runner.hidden)
+    for handle in handles:
+        handle.remove()
+    calls = []
+    layer.mlp.down_proj.register_forward_hook(lambda *_: calls.append(1))
+    for group in LINEAR_GROUPS:
+        seen: list[torch.Tensor] = []
+        runner.observe(layer, group[0], seen.append)
+        assert len(seen) == 2 and all(torch.equal(a, b) for a, b in zip(seen, expected[group[0]]))
+    assert not calls  # observing down_proj stops at its input; no other group reaches it
 
 @pytest.fixture(scope="module")
 def gptq_file(demo, calib_file, tmp_path_factory):
