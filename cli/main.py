@@ -24,6 +24,7 @@ QUANTIZE_EXAMPLE = """examples:
   kiln quantize model-f16.gguf -o model-q4_0.gguf --type q4_0
   kiln quantize ./Llama-3.2-1B -o llama1b-gptq-q4_0.gguf --type q4_0 --method gptq --calib wiki.txt --act-order
   kiln quantize ./my-model -o my-gptq-q4_0.gguf --type q4_0 --method gptq --calib c4.txt --model-samples 64
+  kiln quantize ./small-model -o small-q4_0.gguf --type q4_0 --method gptq --calib c4.txt --tune-steps 300
   kiln quantize ./Llama-3.2-1B -o llama1b-int8.gguf --method llm-int8 --calib wiki.txt
 """
 BENCH_EXAMPLE = """examples:
@@ -189,6 +190,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.method == "gptq":
         quantizer = _gptq_quantizer(args, checkpoint)
         extra["kilnlm.quantization.recipe"] = quantizer.recipe.describe()
+        if args.tune_steps:
+            quantizer = _tuner(args, quantizer)
+            extra["kilnlm.quantization.tuning"] = quantizer.recipe.describe()
+    elif args.tune_steps:
+        raise KilnError("--tune-steps tunes what GPTQ calibrated; use it with --method gptq")
     elif args.method == "llm-int8":
         quantizer = _llm_int8_quantizer(args, checkpoint)
         args.type = "f16"  # the block linears are int8 codes; embeddings and the output stay f16
@@ -228,6 +234,23 @@ def _gptq_quantizer(args: argparse.Namespace, checkpoint):
                           seed=args.seed, model_samples=args.model_samples, act_order=args.act_order,
                           scale_search=not args.no_scale_search, float_targets=not args.no_float_targets,
                           device=args.device, on_layer=lambda i, n: bar.update())
+
+
+def _tuner(args: argparse.Namespace, quantizer):
+    from tqdm import tqdm
+
+    from kilnlm.quant.tune import EndToEndTuner, TuneRecipe
+
+    recipe = TuneRecipe(steps=args.tune_steps, lr=args.tune_lr, seed=args.seed)
+    bars: list[tqdm] = []  # opened at the first step, so it does not sit at 0 below GPTQ's bar
+
+    def on_step(done: int, total: int, loss: float) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, desc="tuning scales", unit="step", file=sys.stderr))
+        bars[0].set_postfix_str(f"KL {loss:.4f}", refresh=False)
+        bars[0].update()
+
+    return EndToEndTuner(quantizer, quantizer.ids, recipe, device=args.device, on_step=on_step)
 
 
 def _llm_int8_quantizer(args: argparse.Namespace, checkpoint):
@@ -383,6 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--no-float-targets", action="store_true", help="gptq: solve each layer for its own "
                           "output on the quantized model's inputs (the reference's way) instead of for the float "
                           "model's output, which also undoes the error of the layers before it")
+    quantize.add_argument("--tune-steps", type=int, default=0, metavar="N",
+                          help="gptq: after GPTQ, N Adam steps that tune the block scales, norms and float-stored "
+                          "linears of the whole model towards the float model (KL on the calibration windows); codes "
+                          "and file format are unchanged. Needs the float and quantized models in memory at once "
+                          "(default: 0, off)")
+    quantize.add_argument("--tune-lr", type=float, default=1e-3, help="gptq: learning rate of --tune-steps "
+                          "(default: 1e-3)")
     quantize.add_argument("--group-size", type=int, default=32, help="gptq group size; ggml blocks need 32")
     quantize.add_argument("--device", default="cpu", help="device for calibration (cpu, cuda)")
     quantize.add_argument("--allow-pickle", action="store_true", help="allow reading pytorch_model.bin pickles")

@@ -279,7 +279,7 @@ def le_bytes(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous().view(torch.uint8)
 
 
-def _fp16_field(blocks: torch.Tensor, offset: int) -> torch.Tensor:
+def fp16_field(blocks: torch.Tensor, offset: int) -> torch.Tensor:
     """The little-endian fp16 at byte `offset` of every block, as float32 (n_blocks, 1)."""
     return blocks[:, offset : offset + 2].contiguous().view(torch.float16).to(torch.float32)
 
@@ -390,7 +390,7 @@ class Q8_0Format(WeightFormat):
         return torch.cat([_to_fp16_bytes(d, self.name, "scale"), q.view(torch.uint8)], dim=-1)
 
     def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        d = _fp16_field(blocks, 0)
+        d = fp16_field(blocks, 0)
         q = blocks[:, 2:].contiguous().view(torch.int8).to(torch.float32)
         return q * d
 
@@ -414,7 +414,7 @@ class Q4_0Format(WeightFormat):
         return torch.cat([_to_fp16_bytes(d, self.name, "scale"), pack_nibbles(q)], dim=-1)
 
     def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        d = _fp16_field(blocks, 0)
+        d = fp16_field(blocks, 0)
         q = _unpack_nibbles(blocks[:, 2:]).to(torch.float32) - 8
         return d * q
 
@@ -437,8 +437,8 @@ class Q4_1Format(WeightFormat):
         return torch.cat([d_bytes, m_bytes, pack_nibbles(q)], dim=-1)
 
     def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        d = _fp16_field(blocks, 0)
-        m = _fp16_field(blocks, 2)
+        d = fp16_field(blocks, 0)
+        m = fp16_field(blocks, 2)
         q = _unpack_nibbles(blocks[:, 4:]).to(torch.float32)
         return (d * q) + m
 
@@ -467,8 +467,8 @@ class Q2_KFormat(_KQuantFormat):
         n = blocks.shape[0]
         scales = blocks[:, : QK_K // 16]
         qs = blocks[:, QK_K // 16 : QK_K // 16 + QK_K // 4]
-        d = _fp16_field(blocks, QK_K // 16 + QK_K // 4)
-        dmin = _fp16_field(blocks, QK_K // 16 + QK_K // 4 + 2)
+        d = fp16_field(blocks, QK_K // 16 + QK_K // 4)
+        dmin = fp16_field(blocks, QK_K // 16 + QK_K // 4 + 2)
         dl = (d * (scales & 0x0F).to(torch.float32)).reshape(n, 16, 1)
         ml = (dmin * (scales >> 4).to(torch.float32)).reshape(n, 16, 1)
         # Two halves of 128 weights; each half's 32 bytes hold 4 groups of 32 codes at bit 0, 2, 4, 6.
@@ -491,7 +491,7 @@ class Q3_KFormat(_KQuantFormat):
         hmask = blocks[:, : QK_K // 8]
         qs = blocks[:, QK_K // 8 : QK_K // 8 + QK_K // 4]
         packed_scales = blocks[:, QK_K // 8 + QK_K // 4 : QK_K // 8 + QK_K // 4 + 12]
-        d = _fp16_field(blocks, QK_K // 8 + QK_K // 4 + 12)
+        d = fp16_field(blocks, QK_K // 8 + QK_K // 4 + 12)
         # Bytes 0..7 hold the low 4 bits of scales 0..7 (low nibble) and 8..15 (high nibble);
         # bytes 8..11 hold the high 2 bits: scale 4*i + j at bits 2i of byte 8 + j.
         low = _unpack_nibbles(packed_scales[:, :8])  # (n, 16)
@@ -526,7 +526,7 @@ class Q4_KFormat(_KQuantFormat):
 
     def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         n = blocks.shape[0]
-        d, dmin = _fp16_field(blocks, 0), _fp16_field(blocks, 2)
+        d, dmin = fp16_field(blocks, 0), fp16_field(blocks, 2)
         sc, m = _k_scale_min(blocks[:, 4:16])
         dl = (d * sc.to(torch.float32)).reshape(n, 8, 1)
         ml = (dmin * m.to(torch.float32)).reshape(n, 8, 1)
@@ -546,7 +546,7 @@ class Q5_KFormat(_KQuantFormat):
     def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         n = blocks.shape[0]
         dev = blocks.device
-        d, dmin = _fp16_field(blocks, 0), _fp16_field(blocks, 2)
+        d, dmin = fp16_field(blocks, 0), fp16_field(blocks, 2)
         sc, m = _k_scale_min(blocks[:, 4:16])
         dl = (d * sc.to(torch.float32)).reshape(n, 8, 1)
         ml = (dmin * m.to(torch.float32)).reshape(n, 8, 1)
@@ -572,7 +572,7 @@ class Q6_KFormat(_KQuantFormat):
         ql = blocks[:, : QK_K // 2]
         qh = blocks[:, QK_K // 2 : QK_K // 2 + QK_K // 4]
         sc = blocks[:, QK_K // 2 + QK_K // 4 : QK_K // 2 + QK_K // 4 + QK_K // 16].contiguous().view(torch.int8)
-        d = _fp16_field(blocks, QK_K // 2 + QK_K // 4 + QK_K // 16)
+        d = fp16_field(blocks, QK_K // 2 + QK_K // 4 + QK_K // 16)
         dl = (d * sc.to(torch.float32)).reshape(n, 16, 1)
         # Per half of 128 weights: 64 ql bytes (low nibbles = weights 0..63, high = 64..127) and
         # 32 qh bytes (bits 2i..2i+1 = high bits of weights 32i..32i+31).
