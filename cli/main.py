@@ -24,7 +24,8 @@ QUANTIZE_EXAMPLE = """examples:
   kiln quantize model-f16.gguf -o model-q4_0.gguf --type q4_0
   kiln quantize ./Llama-3.2-1B -o llama1b-gptq-q4_0.gguf --type q4_0 --method gptq --calib wiki.txt --act-order
   kiln quantize ./my-model -o my-gptq-q4_0.gguf --type q4_0 --method gptq --calib c4.txt --model-samples 64
-  kiln quantize ./small-model -o small-q4_0.gguf --type q4_0 --method gptq --calib c4.txt --tune-steps 300
+  kiln quantize ./small-model -o small-q4_0.gguf --type q4_0 --method gptq --calib c4.txt --nsamples 256 \
+      --model-samples 128 --tune-steps 300
   kiln quantize ./Llama-3.2-1B -o llama1b-int8.gguf --method llm-int8 --calib wiki.txt
 """
 BENCH_EXAMPLE = """examples:
@@ -409,8 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--tune-steps", type=int, default=0, metavar="N",
                           help="gptq: after GPTQ, N Adam steps that tune the block scales, norms and float-stored "
                           "linears of the whole model towards the float model (KL on the calibration windows); codes "
-                          "and file format are unchanged. Needs the float and quantized models in memory at once "
-                          "(default: 0, off)")
+                          "and file format are unchanged. It fits more parameters than GPTQ, so give it more windows "
+                          "(--nsamples 256). Needs the float and quantized models in memory at once (default: 0, off)")
     quantize.add_argument("--tune-lr", type=float, default=1e-3, help="gptq: learning rate of --tune-steps "
                           "(default: 1e-3)")
     quantize.add_argument("--group-size", type=int, default=32, help="gptq group size; ggml blocks need 32")
