@@ -84,6 +84,10 @@ class WeightFormat(ABC):
     block_size: int
     bytes_per_block: int
     can_quantize: bool = True
+    # Byte offsets of the fp16 scale d and minimum m in a block, for legacy formats where every weight
+    # is d * code (+ m); None where the format has no such single field (float types, K-quants).
+    scale_offset: int | None = None
+    min_offset: int | None = None
 
     @property
     def bits_per_weight(self) -> float:
@@ -383,6 +387,7 @@ class Q8_0Format(WeightFormat):
     name = "q8_0"
     gguf_type = GGMLQuantizationType.Q8_0
     block_size, bytes_per_block = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0]
+    scale_offset = 0
 
     def _quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         d = blocks.abs().amax(dim=-1, keepdim=True) / 127  # (n, 1)
@@ -390,7 +395,7 @@ class Q8_0Format(WeightFormat):
         return torch.cat([_to_fp16_bytes(d, self.name, "scale"), q.view(torch.uint8)], dim=-1)
 
     def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        d = fp16_field(blocks, 0)
+        d = fp16_field(blocks, self.scale_offset)
         q = blocks[:, 2:].contiguous().view(torch.int8).to(torch.float32)
         return q * d
 
@@ -402,6 +407,7 @@ class Q4_0Format(WeightFormat):
     name = "q4_0"
     gguf_type = GGMLQuantizationType.Q4_0
     block_size, bytes_per_block = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_0]
+    scale_offset = 0
 
     def _quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         # ggml keeps the sign of the first element of largest magnitude, so it maps to code 0 exactly;
@@ -414,7 +420,7 @@ class Q4_0Format(WeightFormat):
         return torch.cat([_to_fp16_bytes(d, self.name, "scale"), pack_nibbles(q)], dim=-1)
 
     def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        d = fp16_field(blocks, 0)
+        d = fp16_field(blocks, self.scale_offset)
         q = _unpack_nibbles(blocks[:, 2:]).to(torch.float32) - 8
         return d * q
 
@@ -426,6 +432,7 @@ class Q4_1Format(WeightFormat):
     name = "q4_1"
     gguf_type = GGMLQuantizationType.Q4_1
     block_size, bytes_per_block = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_1]
+    scale_offset, min_offset = 0, 2
 
     def _quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         lo = first_extreme(blocks, blocks.amin(dim=-1, keepdim=True), torch.argmin)
@@ -437,8 +444,8 @@ class Q4_1Format(WeightFormat):
         return torch.cat([d_bytes, m_bytes, pack_nibbles(q)], dim=-1)
 
     def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        d = fp16_field(blocks, 0)
-        m = fp16_field(blocks, 2)
+        d = fp16_field(blocks, self.scale_offset)
+        m = fp16_field(blocks, self.min_offset)
         q = _unpack_nibbles(blocks[:, 4:]).to(torch.float32)
         return (d * q) + m
 

@@ -21,8 +21,6 @@ from torch import nn
 
 from kilnlm.quant.formats import QuantizationError, QuantizedTensor, fp16_field, le_bytes
 
-# Byte offsets of a block's fp16 scale d and minimum m (None: no minimum) in ggml's legacy block formats.
-_SCALE_FIELDS = {"q4_0": (0, None), "q4_1": (0, 2), "q8_0": (0, None)}
 _FLOAT_TYPES = ("f32", "f16", "bf16")
 
 
@@ -42,27 +40,28 @@ class TuneRecipe:
 class _BlockScaledLinear(nn.Module):
     """A linear in a ggml block format whose scales (and minimums) train while its codes stay fixed.
 
-    codes:     (rows, n_blocks, 32) float32, the value each code stands for with d = 1 and m = 0.
+    codes:     (rows, n_blocks, block_size) float32, the value each code stands for with d = 1 and m = 0.
     scale:     (rows, n_blocks, 1) float32, the stored fp16 scales; trained as scale · exp(log_gain).
     minimum:   (rows, n_blocks, 1) float32 stored minimums (Q4_1), shifted by scale · shift; else None.
     """
 
     def __init__(self, packed: QuantizedTensor):
         super().__init__()
-        d_at, m_at = _SCALE_FIELDS[packed.format.name]
+        fmt = packed.format
+        d_at, m_at = fmt.scale_offset, fmt.min_offset
         rows, cols = packed.shape
-        blocks = packed.data.reshape(rows, cols // 32, -1)
-        unit = blocks.clone()
-        unit[..., d_at : d_at + 2] = le_bytes(torch.ones(rows, cols // 32, 1, dtype=torch.float16))
+        n_blocks = cols // fmt.block_size
+        blocks = packed.data.reshape(rows * n_blocks, fmt.bytes_per_block)
+        unit = blocks.clone()  # the same codes with d = 1 (and m = 0): decodes to the codes' values
+        unit[:, d_at : d_at + 2] = le_bytes(torch.ones(rows * n_blocks, 1, dtype=torch.float16))
         if m_at is not None:
-            unit[..., m_at : m_at + 2] = 0
+            unit[:, m_at : m_at + 2] = 0
         self.packed = packed
-        self.register_buffer("codes", QuantizedTensor(packed.format, packed.shape, unit.reshape(packed.data.shape))
-                             .dequantize()
-                             .float().reshape(rows, cols // 32, 32))
-        flat = blocks.reshape(rows * (cols // 32), -1)
-        self.register_buffer("scale", fp16_field(flat, d_at).reshape(rows, cols // 32, 1))
-        self.register_buffer("minimum", None if m_at is None else fp16_field(flat, m_at).reshape(rows, cols // 32, 1))
+        codes = QuantizedTensor(fmt, packed.shape, unit.reshape(packed.data.shape)).dequantize().float()
+        self.register_buffer("codes", codes.reshape(rows, n_blocks, fmt.block_size))
+        self.register_buffer("scale", fp16_field(blocks, d_at).reshape(rows, n_blocks, 1))
+        minimum = None if m_at is None else fp16_field(blocks, m_at).reshape(rows, n_blocks, 1)
+        self.register_buffer("minimum", minimum)
         self.log_gain = nn.Parameter(torch.zeros_like(self.scale))
         self.shift = nn.Parameter(torch.zeros_like(self.scale)) if m_at is not None else None
 
@@ -84,9 +83,9 @@ class _BlockScaledLinear(nn.Module):
     @torch.no_grad()
     def repacked(self, name: str) -> QuantizedTensor:
         """The original blocks with the trained fp16 scales (and minimums) written in."""
-        d_at, m_at = _SCALE_FIELDS[self.packed.format.name]
-        rows, cols = self.packed.shape
-        blocks = self.packed.data.reshape(rows, cols // 32, -1).clone()
+        fmt = self.packed.format
+        d_at, m_at = fmt.scale_offset, fmt.min_offset
+        blocks = self.packed.data.reshape(*self.scale.shape[:2], fmt.bytes_per_block).clone()
         d, m = self.block_params()
         for offset, value in ((d_at, d), (m_at, m)):
             if offset is None:
@@ -160,7 +159,7 @@ class EndToEndTuner:
             if not (name.startswith("layers.") or name == "norm.weight"):
                 continue
             module_name = name.removesuffix(".weight")
-            if tensor.format.name in _SCALE_FIELDS and len(tensor.shape) == 2:
+            if tensor.format.scale_offset is not None and len(tensor.shape) == 2:
                 owner, _, attr = module_name.rpartition(".")
                 scaled[name] = _BlockScaledLinear(tensor).to(self.device)
                 setattr(student.get_submodule(owner), attr, scaled[name])
