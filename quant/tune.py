@@ -171,9 +171,10 @@ class EndToEndTuner:
     def _train(self, teacher: nn.Module, student: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Adam on the training windows; keeps the parameters that scored best on the held-out windows.
 
-        Every eighth window (at least one) is held out and scored before the first step and every tenth of
-        the run, so the result is never worse there than what the inner quantizer produced: on a model that
-        GPTQ already fits closely, Adam's first steps can only add noise.
+        The last eighth of the windows (at least one) is held out and scored before the first step and every
+        tenth of the run, so the result is never worse there than what the inner quantizer produced: on a
+        model that GPTQ already fits closely, Adam's first steps can only add noise. `load_calibration` puts
+        model-sampled windows first, so with a mix the check runs on real text.
         """
         ids = self.ids.to(self.device)
         held_out = max(1, ids.shape[0] // 8)
