@@ -263,8 +263,8 @@ def _llm_int8_quantizer(args: argparse.Namespace, checkpoint):
         _info("no --calib text given: calibrating on text sampled from the model itself (real text is better)")
     bar = tqdm(total=checkpoint.config.num_layers, desc="LLM.int8 calibration", unit="block", file=sys.stderr)
     return llm_int8_quantizer(checkpoint, calib_files=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-                              seed=args.seed, model_samples=args.model_samples, threshold=args.threshold, device=args.device,
-                              on_layer=lambda i, n: bar.update())
+                              seed=args.seed, model_samples=args.model_samples, threshold=args.threshold,
+                              device=args.device, on_layer=lambda i, n: bar.update())
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

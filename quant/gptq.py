@@ -46,6 +46,7 @@ are checked against the registry: its dequantisation must equal GPTQ's Q bit for
 
 from __future__ import annotations
 
+import copy
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -621,7 +622,8 @@ class GPTQQuantizer:
 
         formats = {p.name: p.format for p in plan}
         layer = runner.layer(index)
-        float_layer = runner.layer(index) if self.recipe.float_targets else None
+        # A copy taken before any weight is replaced, rather than reading the block from the checkpoint again.
+        float_layer = copy.deepcopy(layer) if self.recipe.float_targets else None
         # Linears planned in a float type (F16 fallbacks) take the float target too when there is one:
         # storing W* costs nothing and absorbs the error of the quantized layers before them.
         solvable = GPTQ_FORMATS + (FLOAT_FORMATS if float_layer is not None else ())

@@ -112,6 +112,9 @@ class EndToEndTuner:
         if recipe.steps < 1 or recipe.batch < 1 or not recipe.lr > 0:
             raise QuantizationError(f"tuning needs at least one step, a batch of one and a positive learning rate "
                                     f"(got {recipe})")
+        if ids.shape[0] < 2:
+            raise QuantizationError(f"tuning holds out calibration windows to check itself; it needs at least 2 "
+                                    f"(got {ids.shape[0]}): raise --nsamples")
         self.inner, self.ids, self.recipe = inner, ids, recipe
         self.device = torch.device(device)
         self.on_step = on_step
@@ -178,9 +181,6 @@ class EndToEndTuner:
         """
         ids = self.ids.to(self.device)
         held_out = max(1, ids.shape[0] // 8)
-        if ids.shape[0] <= held_out:
-            raise QuantizationError(f"tuning holds out calibration windows to check itself; it needs at least 2 "
-                                    f"(got {ids.shape[0]})")
         train, check = ids[:-held_out], ids[-held_out:]
         params = [p for group in optimizer.param_groups for p in group["params"]]
         best = (self._kl(teacher, student, check), [p.detach().clone() for p in params])

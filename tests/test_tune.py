@@ -53,6 +53,8 @@ def test_a_scale_beyond_fp16_is_a_clear_error():
 def test_recipe_needs_steps():
     with pytest.raises(QuantizationError, match="step"):
         EndToEndTuner(None, torch.zeros(1, 2, dtype=torch.long), TuneRecipe(steps=0))
+    with pytest.raises(QuantizationError, match="at least 2"):
+        EndToEndTuner(None, torch.zeros(1, 2, dtype=torch.long), TuneRecipe(steps=1))
 
 
 @pytest.fixture(scope="module")
