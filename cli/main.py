@@ -40,7 +40,9 @@ INSPECT_EXAMPLE = """examples:
 TOKENIZE_EXAMPLE = """examples:
   kiln tokenize ggml-vocab-llama-bpe.gguf --text "Hello world"
   kiln tokenize ./Llama-3.2-1B --text "Hello world" --add-bos
+  kiln tokenize ggml-vocab-qwen2.gguf --cases ggml-vocab-qwen2.gguf.inp > qwen2.out   # llama.cpp's test files
 """
+LLAMA_CPP_CASE_SEPARATOR = "\n__ggml_vocab_test__\n"
 PERPLEXITY_EXAMPLE = """examples:
   kiln perplexity llama1b-q8_0.gguf --text wiki.test.raw --ctx 512
   kiln perplexity ./Llama-3.2-1B --text wiki.test.raw --chunks 20 --device cuda
@@ -308,10 +310,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
     """kiln tokenize: print token ids the way llama.cpp's .out files list them."""
+    from pathlib import Path
+
     from kilnlm.export.checkpoint import open_tokenizer
 
     tokenizer = open_tokenizer(args.model)
-    print(" ".join(str(i) for i in tokenizer.encode(args.text, add_bos=args.add_bos)))
+    if args.text is not None:
+        texts = [args.text]
+    else:
+        try:
+            raw = Path(args.cases).read_text(encoding="utf-8")
+        except (OSError, ValueError) as e:
+            raise KilnError(f"{args.cases}: cannot read the test cases ({e})") from e
+        # As llama.cpp's test-tokenizer-0 reads them: no empty case after a final separator.
+        texts = raw.removesuffix(LLAMA_CPP_CASE_SEPARATOR).split(LLAMA_CPP_CASE_SEPARATOR)
+    for text in texts:
+        print(" ".join(str(i) for i in tokenizer.encode(text, add_bos=args.add_bos)))
     return 0
 
 
@@ -434,7 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     tokenize = add("tokenize", cmd_tokenize, "Print the token ids of a text.", TOKENIZE_EXAMPLE)
     tokenize.add_argument("model", help="GGUF file (vocab-only files work) or Hugging Face folder")
-    tokenize.add_argument("--text", required=True, help="text to tokenize")
+    source = tokenize.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", help="text to tokenize")
+    source.add_argument("--cases", metavar="FILE", help="a llama.cpp .inp file: cases separated by "
+                        "'__ggml_vocab_test__' lines; prints one line of ids per case, as its .out files")
     tokenize.add_argument("--add-bos", action="store_true", help="prepend the BOS token")
 
     ppl = add("perplexity", cmd_perplexity, "Measure a model's perplexity on a text file, as llama.cpp's "
