@@ -36,7 +36,7 @@ def open_tokenizer(path: str | Path):
 
         return Tokenizer.from_hf_folder(path)
     from kilnlm.export.gguf_file import GGUFFile
-    from kilnlm.runtime.gguf_vocab import tokenizer_from_gguf
+    from kilnlm.runtime.gguf_tokenizer import tokenizer_from_gguf
 
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")

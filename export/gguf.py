@@ -265,7 +265,7 @@ class GGUFCheckpoint:
 
     def tokenizer(self):
         """The tokenizer stored in the file's metadata."""
-        from kilnlm.runtime.gguf_vocab import tokenizer_from_gguf
+        from kilnlm.runtime.gguf_tokenizer import tokenizer_from_gguf
 
         return tokenizer_from_gguf(self.file.metadata, str(self.path))
 
@@ -394,22 +394,21 @@ def _add_tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer, vocab_size: int)
     vocab.token_types += [int(TokenType.UNUSED)] * len(padding)
     if vocab.scores is not None:
         vocab.scores += [-1000.0] * len(padding)
-    writer.add_tokenizer_model(vocab.model)
-    if vocab.pre is not None:
-        writer.add_tokenizer_pre(vocab.pre)
-    writer.add_token_list(vocab.tokens)
-    if vocab.scores is not None:
-        writer.add_token_scores(vocab.scores)
-    writer.add_token_types(vocab.token_types)
-    if vocab.merges is not None:
-        writer.add_token_merges(vocab.merges)
-    for value, add in ((vocab.bos_id, writer.add_bos_token_id), (vocab.eos_id, writer.add_eos_token_id),
-                       (vocab.pad_id, writer.add_pad_token_id), (vocab.unk_id, writer.add_unk_token_id)):
-        if value is not None:
-            add(value)
-    writer.add_add_bos_token(vocab.add_bos)
-    if vocab.chat_template:
-        writer.add_chat_template(vocab.chat_template)
+    for key, value in vocab.metadata().items():
+        _add_tokenizer_key(writer, key, value)
+
+
+def _add_tokenizer_key(writer: gguf.GGUFWriter, key: str, value) -> None:
+    # GGUF types as llama.cpp reads them: ids uint32, flags bool, the charsmap an array of uint8, token
+    # types int32 and scores float32 (the writer infers array types from the first element).
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_uint32(key, value)
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    else:
+        writer.add_array(key, value)
 
 
 def plan_tensors(checkpoint: Checkpoint, target: str) -> list[PlannedTensor]:

@@ -1,15 +1,15 @@
 """Text <-> token ids: SentencePiece (tokenizer.model) or HF `tokenizers` (tokenizer.json), with one BOS rule.
 
-Both backends sit behind the same small interface (`encode` without BOS, `decode` of already filtered ids,
-piece lookups, the set of added tokens); `Tokenizer` owns everything the two share: BOS, eos ids, which ids
-are special, `skip_special`, and streaming.
+Both backends, and gguf_tokenizer.GGUFBackend for GGUF files, sit behind the same small interface (`encode`
+without BOS, `decode` of already filtered ids, piece lookups, the set of added tokens); `Tokenizer` owns
+everything they share: BOS, eos ids, which ids are special, `skip_special`, and streaming.
 
 SentencePiece and added tokens: the text is split on the added-token strings (longest match first) and
 each remaining chunk goes through sentencepiece. Sentencepiece prepends its dummy prefix "▁" to every call,
 so the choice is where a chunk gets it. We follow transformers 5's LlamaTokenizer: only the chunk that
 starts the text gets it ("<s>Hello" -> <s>, "Hello"), unless tokenizer_config.json sets `"legacy": true`,
-where every chunk gets it ("<s>Hello" -> <s>, "▁Hello"), which is also what llama.cpp does (GGUF readers
-should pass prefix_after_special=True). Decoding keeps every "▁" as a space except at the very start of
+where every chunk gets it ("<s>Hello" -> <s>, "▁Hello"), which is also what llama.cpp does (GGUF files are
+read by gguf_tokenizer.py, which follows llama.cpp). Decoding keeps every "▁" as a space except at the very start of
 the output, as transformers and llama.cpp do, so in the default mode decode(encode(s), skip_special=False)
 == s wherever sentencepiece itself round-trips s. Each chunk is otherwise exactly sentencepiece's own
 encoding, whitespace included (" Hi" -> "▁", "▁Hi"; transformers 5 gives "▁Hi" and also merges runs of
@@ -284,10 +284,19 @@ class Tokenizer:
         return self._backend.token_to_id(piece)
 
     @property
+    def backend(self) -> _Backend:
+        """The tokenization backend (sentencepiece, `tokenizers`, or a GGUF vocabulary)."""
+        return self._backend
+
+    @property
     def model_file(self) -> bytes | str:
         """The backend's model: a serialized SentencePiece ModelProto (bytes) or a tokenizer.json (str)."""
         backend = self._backend
-        return backend.sp.serialized_model_proto() if isinstance(backend, _SentencePieceBackend) else backend._tok.to_str()
+        if isinstance(backend, _SentencePieceBackend):
+            return backend.sp.serialized_model_proto()
+        if isinstance(backend, _TokenizersBackend):
+            return backend._tok.to_str()
+        raise TokenizerError(f"{self.source}: this tokenizer has no SentencePiece or tokenizer.json model file")
 
     @property
     def added_tokens(self) -> Mapping[int, AddedToken]:
