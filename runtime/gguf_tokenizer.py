@@ -47,10 +47,10 @@ class _ModelRules:
     unk: int | None = None
     pad: int | None = None
     add_bos: bool | None = False  # None: the pre-tokenizer's default
-    force_add_bos: bool = False
     add_space_prefix: bool = False
     add_eos: bool = False
     default_pre: str | None = None  # BPE: the pre-tokenizer when tokenizer.ggml.pre is absent
+    forced_pre: str | None = None  # BPE: the pre-tokenizer whatever tokenizer.ggml.pre says
 
 
 _MODELS = {
@@ -58,14 +58,14 @@ _MODELS = {
     # llama.cpp defaults GPT-2 vocabularies to bos = eos = 11 (a Falcon leftover); a guess that names an
     # ordinary token is worse than none, so files without the keys get none here.
     "gpt2": _ModelRules("bpe", add_bos=None, default_pre="default"),
-    # Gemma 4 always starts with <bos>: llama.cpp forces it whatever the file says.
-    "gemma4": _ModelRules("bpe", add_bos=True, force_add_bos=True, default_pre="gemma4"),
+    "gemma4": _ModelRules("bpe", add_bos=None, forced_pre="gemma4"),
     "t5": _ModelRules("ugm", eos=1, unk=2, pad=0, add_space_prefix=True, add_eos=True),
     "rwkv": _ModelRules("rwkv"),
     "plamo2": _ModelRules("plamo2", bos=1, eos=2, unk=0, pad=3),
 }
 _REFUSED_MODELS = {
     "bert": "WordPiece vocabularies belong to BERT-style encoders, which kilnlm does not run",
+    "hybriddna": "DNA k-mer vocabularies belong to genome models, which kilnlm does not run",
     "no_vocab": "the file carries no vocabulary",
     "none": "the file carries no vocabulary",
 }
@@ -125,6 +125,16 @@ def _valid_id(value: int | None, n: int, default: int | None) -> int | None:
     return default if default is not None and default < n else None
 
 
+def _ids_by_text(tokens: list[str], source: str) -> dict[str, int]:
+    """Text -> id; llama.cpp refuses a vocabulary that holds a text twice, as a tokenizer could not choose."""
+    ids: dict[str, int] = {}
+    for i, text in enumerate(tokens):
+        first = ids.setdefault(text, i)
+        if first != i:
+            raise TokenizerError(f"{source}: tokenizer.ggml.tokens holds {text!r} twice (ids {first} and {i})")
+    return ids
+
+
 def load_rules(vocab: GGUFVocab, ids: Mapping[str, int], metadata: Mapping[str, Any], rules: _ModelRules,
                pre: PreTokenizer | None, source: str) -> GGUFRules:
     """Apply llama.cpp's loading rules to a vocabulary whose text -> id map is `ids`."""
@@ -132,13 +142,14 @@ def load_rules(vocab: GGUFVocab, ids: Mapping[str, int], metadata: Mapping[str, 
     types = [t if t in _KNOWN_TYPES else TokenType.UNDEFINED for t in vocab.token_types]
 
     def found(texts: Iterable[str], stored: int | None = None) -> int | None:
-        """The stored id if valid; else every text of `texts` in the vocabulary becomes CONTROL, the last one wins."""
+        """The stored id if valid, else the first of `texts` in the vocabulary, which becomes CONTROL.
+
+        (llama.cpp takes the first it meets in hash-map order; list order is the deterministic equivalent.)
+        """
         token_id = _valid_id(stored, n, None)
-        if token_id is not None:
-            return token_id
-        for text in texts:
-            if text in ids:
-                token_id = ids[text]
+        if token_id is None:
+            token_id = next((ids[t] for t in texts if t in ids), None)
+            if token_id is not None:
                 types[token_id] = TokenType.CONTROL
         return token_id
 
@@ -178,7 +189,8 @@ def _drop_shadowed_eog(eog: set[int], ids: Mapping[str, int]) -> set[int]:
 def _add_bos(vocab: GGUFVocab, rules: _ModelRules, pre: PreTokenizer | None, bos_id: int | None, source: str) -> bool:
     """tokenizer.ggml.add_bos_token, else the model's (or the pre-tokenizer's) default; BOS must then exist."""
     default = pre.add_bos if rules.add_bos is None and pre is not None else bool(rules.add_bos)
-    add_bos = True if rules.force_add_bos else default if vocab.add_bos is None else vocab.add_bos
+    add_bos = default if vocab.add_bos is None else vocab.add_bos
+    add_bos |= pre is not None and pre.force_add_bos
     if add_bos and bos_id is None:
         raise TokenizerError(f"{source}: tokenizer.ggml.add_bos_token is true (or defaults to true) but there is no "
                              "tokenizer.ggml.bos_token_id in the vocabulary")
@@ -217,9 +229,11 @@ class GGUFBackend:
         self.source, self.gguf_vocab = source, vocab
         rules = _MODELS[model]
         self._kind = rules.kind
-        self._pre = pre_tokenizer(vocab.pre or rules.default_pre, source) if rules.kind == "bpe" else None
+        # llama.cpp reads tokenizer.ggml.pre for BPE vocabularies only (and ignores it for Gemma 4's).
+        pre_name = rules.forced_pre or vocab.pre or rules.default_pre
+        self._pre = pre_tokenizer(pre_name, source) if rules.kind == "bpe" else None
         self._tokens = [text or f"[EMPTY_{i}]" for i, text in enumerate(vocab.tokens)]  # llama.cpp names empty ones
-        self._ids = {text: i for i, text in enumerate(self._tokens)}  # a duplicated text keeps its last id, as there
+        self._ids = _ids_by_text(self._tokens, source)
         self.rules = load_rules(vocab, self._ids, metadata, rules, self._pre, source)
         self.vocab_size = len(self._tokens)
         types = self.rules.types

@@ -29,6 +29,7 @@ class PreTokenizer:
     regexes: tuple[str, ...]  # applied in turn; matches and the gaps between them both become words
     ignore_merges: bool = False  # a word that is itself a token is emitted whole, before any merge
     add_bos: bool = False  # llama.cpp's add_bos default for this name (the GGUF key overrides it)
+    force_add_bos: bool = False  # BOS whatever the key says (Gemma 4 breaks without it; llama.cpp forces it)
     byte_encode: bool = True  # GPT-2's byte-to-unicode mapping; False: raw UTF-8 with <0xXX> byte fallback
     escape_whitespace: bool = False  # spaces become "▁" before splitting (SentencePiece-style BPE)
     whole_newline_runs: bool = False  # a word of only newlines that is a token is emitted whole (Gemma 4)
@@ -148,8 +149,8 @@ PRE_TOKENIZERS: dict[str, PreTokenizer] = {
     "starcoder": _STARCODER, "refact": _STARCODER, "command-r": _STARCODER, "smollm": _STARCODER,
     "codeshell": _STARCODER, "exaone": _STARCODER, "minerva-7b": _STARCODER, "mellum2": _STARCODER,
     "jais-2": _pre(_JAIS2),
-    "gemma4": replace(_SPM_STYLE, whole_newline_runs=True),
-    "granite-embed-multi-311m": replace(_SPM_STYLE, whole_newline_runs=True),
+    "gemma4": replace(_SPM_STYLE, whole_newline_runs=True, force_add_bos=True),
+    "granite-embed-multi-311m": replace(_SPM_STYLE, whole_newline_runs=True, force_add_bos=True),
     "sarvam-moe": _SPM_STYLE,
     "whitespace": _pre(r"\S+", byte_encode=False),
     "qwen2": _QWEN2, "deepseek-r1-qwen": _QWEN2, "kormo": _QWEN2, "f2llmv2": _QWEN2, "megrez": _QWEN2,

@@ -373,13 +373,6 @@ def test_pre_tokenizer_splits_like_llama_cpp():
     assert words("llama-bpe", "I'M 12345") == ["I", "'M", " ", "123", "45"]
 
 
-def test_duplicate_token_texts_load_like_llama_cpp():
-    """llama.cpp keeps duplicate texts (its text -> id map holds the last); sentencepiece would refuse them."""
-    metadata = _bpe_metadata(**{gv.KEY_TOKENS: ["a", "b", "ab", "Ġ", "Ġab", "ab"], gv.KEY_TOKEN_TYPE: [1] * 6})
-    tokenizer = tokenizer_from_gguf(metadata, "dup.gguf")
-    assert tokenizer.encode("ab", add_bos=False) == [5] and tokenizer.decode([2, 5]) == "abab"
-
-
 @pytest.mark.parametrize(
     ("metadata", "message"),
     [
@@ -391,6 +384,7 @@ def test_duplicate_token_texts_load_like_llama_cpp():
         (_spm_metadata(**{gv.KEY_TOKEN_TYPE: [1, 2]}), "tokenizer.ggml.token_type has 2 entries"),
         (_spm_metadata(**{gv.KEY_BOS: "1"}), "tokenizer.ggml.bos_token_id = '1'"),
         (_spm_metadata(**{gv.KEY_ADD_BOS: "yes"}), "tokenizer.ggml.add_bos_token must be a bool"),
+        (_bpe_metadata(**{gv.KEY_TOKENS: ["a", "b", "ab", "Ġ", "Ġab", "ab"]}), "holds 'ab' twice (ids 2 and 5)"),
         (_bpe_metadata(**{gv.KEY_TOKENS: ["a", "b", "ab", "Ġ", "Ġab", 7]}), "tokenizer.ggml.tokens must hold strings"),
         (_bpe_metadata(**{gv.KEY_PRE: ["qwen2"]}), "unsupported tokenizer.ggml.pre ['qwen2']"),
         (_bpe_metadata(**{gv.KEY_PRE: "llama-9"}), "'llama-9' (supported: a.x-4.0, afmoe, bailingmoe"),
