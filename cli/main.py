@@ -57,6 +57,22 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ctx", type=int, default=None, help="context length in tokens (default: model's, at most 4096)")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow loading pytorch_model.bin pickle weights (only for checkpoints you trust)")
+    _add_cache_options(parser)
+
+
+def _add_cache_options(parser: argparse.ArgumentParser) -> None:
+    from kilnlm.runtime.kv_stores import KV_TYPES
+
+    for side in ("k", "v"):
+        parser.add_argument(f"--cache-type-{side}", default=None, choices=KV_TYPES,
+                            help=f"KV cache element type for {'keys' if side == 'k' else 'values'} "
+                                 "(default: the model's dtype)")
+    parser.add_argument("--no-kv-rotation", action="store_true",
+                        help="do not Hadamard-rotate quantized keys and values before packing them")
+
+
+def _cache_kwargs(args: argparse.Namespace) -> dict:
+    return {"k_type": args.cache_type_k, "v_type": args.cache_type_v, "kv_rotation": not args.no_kv_rotation}
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser, temperature: float) -> None:
@@ -85,15 +101,17 @@ def _load(args: argparse.Namespace, model: str | None):
     path = model or demo_model_path()
     started = time.perf_counter()
     engine = Engine.load(path, device=args.device, dtype=args.dtype, context_length=args.ctx,
-                         allow_pickle=args.allow_pickle)
+                         allow_pickle=args.allow_pickle, **_cache_kwargs(args))
     weights = sum(t.numel() * t.element_size() for t in [*engine.model.parameters(), *engine.model.buffers()])
+    kv = engine.cache.nbytes()  # allocated now, as llama.cpp does, so the figure is real
     where = f"{args.device}"
     if engine.model.embed_tokens.weight.is_cuda:
         import torch
 
         where += f", {torch.cuda.memory_allocated() / 2**20:.0f} MiB of GPU memory allocated"
-    _info(f"loaded {path} ({engine.config.architecture}, {weights / 2**20:.1f} MiB of weights on {where}) "
-          f"in {time.perf_counter() - started:.2f}s")
+    kv_types = "/".join(engine.kv_options[side] or "model dtype" for side in ("k_type", "v_type"))
+    _info(f"loaded {path} ({engine.config.architecture}, {weights / 2**20:.1f} MiB of weights, {kv / 2**20:.1f} MiB "
+          f"of KV cache ({kv_types}, {engine.context_length} tokens) on {where}) in {time.perf_counter() - started:.2f}s")
     return engine
 
 
@@ -283,7 +301,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         device = _device(args.device)
         model = bench.synthetic_model(bench.synthetic_config(args.shape), device, resolve_dtype(args.dtype, device))
-    result = bench.run_bench(model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
+    result = bench.run_bench(model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                             kv_options=_cache_kwargs(args))
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
         return 0
@@ -293,7 +312,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
           f"decode   {result.decode_tokens_per_s:10.1f} tokens/s  ({result.new_tokens} tokens, batch 1)\n"
           f"weights  {result.weight_bytes / 2**20:10.1f} MiB read per token; copy bandwidth "
           f"{result.bandwidth_gb_per_s:.1f} GB/s -> roofline {result.roofline_tokens_per_s:.1f} tokens/s\n"
-          f"decode is {100 * result.roofline_share:.1f}% of the roofline; peak memory {peak}")
+          f"decode is {100 * result.roofline_share:.1f}% of the roofline; peak memory {peak}\n"
+          f"KV cache {result.kv_bytes / 2**20:10.1f} MiB ({result.prompt_tokens + result.new_tokens} positions)")
     return 0
 
 
@@ -353,7 +373,8 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
             bar.update(done - bar.n)
 
         result = perplexity(engine.model, engine.tokenizer, text, ctx=args.ctx, chunks=args.chunks,
-                            batch=args.batch, on_chunk=advance, base=base.model if base is not None else None)
+                            batch=args.batch, on_chunk=advance, base=base.model if base is not None else None,
+                            kv_options=engine.kv_options)
     print(f"{result.tokens_scored} tokens scored, {result.chunks} chunks, ctx {result.ctx}, {result.seconds:.1f}s")
     if result.divergence is not None:
         d = result.divergence
@@ -469,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--dtype", default="auto", help="auto, float32, bf16 or fp16 (auto: fp32 on CPU, bf16 on CUDA)")
     ppl.add_argument("--allow-pickle", action="store_true",
                      help="allow loading pytorch_model.bin pickle weights (only for checkpoints you trust)")
+    _add_cache_options(ppl)
     return parser
 
 

@@ -10,10 +10,11 @@ import torch
 
 from kilnlm.kernels.activation import silu_mul_ref
 from kilnlm.kernels.attention import attention_ref as attention
+from kilnlm.kernels.hadamard import hadamard_rotate_ref as hadamard_rotate
 from kilnlm.kernels.norm import rms_norm_ref
 from kilnlm.kernels.rope import apply_rotary_ref
 
-__all__ = ["apply_rotary", "attention", "int8_linear", "packed_matmul", "rms_norm", "silu_mul"]
+__all__ = ["apply_rotary", "attention", "hadamard_rotate", "int8_linear", "packed_matmul", "rms_norm", "silu_mul"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

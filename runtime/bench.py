@@ -38,6 +38,7 @@ class BenchResult:
     weight_bytes: int
     bandwidth_gb_per_s: float
     peak_memory_bytes: int | None
+    kv_bytes: int = 0  # the KV cache of prompt + new tokens
 
     @property
     def roofline_tokens_per_s(self) -> float:
@@ -101,28 +102,36 @@ def measure_bandwidth(device: torch.device, megabytes: int = 256, repeats: int =
     return 2 * src.numel() / best / 1e9
 
 
-def run_bench(model: nn.Module, *, prompt_tokens: int = 512, new_tokens: int = 128) -> BenchResult:
-    """Time one prefill of `prompt_tokens` and `new_tokens` greedy decode steps, batch 1."""
+def run_bench(model: nn.Module, *, prompt_tokens: int = 512, new_tokens: int = 128,
+              kv_options: dict | None = None) -> BenchResult:
+    """Time one prefill of `prompt_tokens` and `new_tokens` greedy decode steps, batch 1.
+
+    kv_options: k_type / v_type / kv_rotation of the KV cache (see runtime.cache.new_kv_cache).
+    """
+    kv_options = dict(kv_options or {})
+    if "kv_rotation" in kv_options:
+        kv_options["rotate"] = kv_options.pop("kv_rotation")
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     vocab = model.config.vocab_size
     prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.inference_mode():
-        _timed_generation(model, prompt[:, :8], 2)  # warm-up: kernels compiled, allocator primed
-        prefill_s, decode_s = _timed_generation(model, prompt, new_tokens)
+        _timed_generation(model, prompt[:, :8], 2, kv_options)  # warm-up: kernels compiled, allocator primed
+        prefill_s, decode_s, kv_bytes = _timed_generation(model, prompt, new_tokens, kv_options)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return BenchResult(
         device=str(device), prompt_tokens=prompt_tokens, new_tokens=new_tokens,
         prefill_tokens_per_s=prompt_tokens / prefill_s, decode_tokens_per_s=new_tokens / decode_s,
         weight_bytes=weight_bytes_per_token(model), bandwidth_gb_per_s=measure_bandwidth(device),
-        peak_memory_bytes=peak,
+        peak_memory_bytes=peak, kv_bytes=kv_bytes,
     )
 
 
-def _timed_generation(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+def _timed_generation(model: nn.Module, prompt: torch.Tensor, new_tokens: int,
+                      kv_options: dict) -> tuple[float, float, int]:
     device = prompt.device
-    cache = model.new_cache(prompt.shape[1] + new_tokens)
+    cache = model.new_cache(prompt.shape[1] + new_tokens, **kv_options)
     _sync(device)
     started = time.perf_counter()
     logits = model(prompt, cache, last_logits_only=True)
@@ -133,7 +142,7 @@ def _timed_generation(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -
     for _ in range(new_tokens):
         token = model(token, cache)[:, -1].argmax(-1, keepdim=True)
     _sync(device)
-    return prefill, time.perf_counter() - started
+    return prefill, time.perf_counter() - started, cache.nbytes()
 
 
 def _sync(device: torch.device) -> None:

@@ -63,6 +63,7 @@ class Engine:
         context_length: int,
         chat_template: ChatTemplate | None = None,
         source: str = "",
+        kv_options: dict | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -71,6 +72,7 @@ class Engine:
             tokenizer.chat_template, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token
         )
         self.source = source
+        self.kv_options = dict(kv_options or {})  # k_type, v_type, rotate: see runtime.cache.new_kv_cache
         self.last_stats = GenerationStats()
         self._cache: Cache | None = None
 
@@ -85,12 +87,21 @@ class Engine:
         allow_pickle: bool = False,
         packed_weights: bool | None = None,
         progress: bool = True,
+        kv_type: str | None = None,
+        k_type: str | None = None,
+        v_type: str | None = None,
+        kv_rotation: bool = True,
     ) -> Engine:
         """Load an HF checkpoint folder or a GGUF file onto `device` in `dtype` ('auto', 'float32', 'bf16', ...).
 
         `packed_weights` keeps a GGUF file's Q4_0/Q4_1/Q8_0 block linears packed and multiplies through
         them (the default on CUDA, where the Triton kernels run); otherwise they are dequantised at load.
+        `kv_type` sets the KV cache's element type for keys and values ('f16', 'bf16', 'f32', 'q8_0', 'q4_0';
+        None: the model's dtype), `k_type` / `v_type` each side (as llama.cpp's --cache-type-k / -v);
+        `kv_rotation` Hadamard-rotates quantized keys and values (on by default).
         """
+        from kilnlm.runtime.kv_stores import kv_codec
+
         from kilnlm.export.checkpoint import open_checkpoint
 
         path = Path(path)
@@ -109,9 +120,14 @@ class Engine:
             disable=not progress,
             leave=False,
         )
-        model = build_model(config, tensors, device=device, dtype=resolve_dtype(dtype, device), source=str(path))
+        kv_options = {"k_type": k_type or kv_type, "v_type": v_type or kv_type, "rotate": kv_rotation}
+        model_dtype = resolve_dtype(dtype, device)
+        for side in ("k_type", "v_type"):  # refuse a bad cache type before the (slow) weights load
+            kv_codec(kv_options[side], model_dtype, config.head_dim)
+        model = build_model(config, tensors, device=device, dtype=model_dtype, source=str(path))
         _use_int8_linears(model, checkpoint)
-        return cls(model, tokenizer, context_length=_context_length(config, context_length), source=str(path))
+        return cls(model, tokenizer, context_length=_context_length(config, context_length), source=str(path),
+                   kv_options=kv_options)
 
     @property
     def config(self) -> ModelConfig:
@@ -122,7 +138,7 @@ class Engine:
     def cache(self) -> Cache:
         """The engine's KV cache, allocated on first use."""
         if self._cache is None:
-            self._cache = self.model.new_cache(self.context_length)
+            self._cache = self.model.new_cache(self.context_length, **self.kv_options)
         return self._cache
 
     def reset(self) -> None:

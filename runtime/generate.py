@@ -13,13 +13,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from kilnlm.runtime.cache import Cache
+from kilnlm.runtime.cache import PREFILL_CHUNK, Cache
 from kilnlm.runtime.sampling import Sampler, SamplingParams
 
 if TYPE_CHECKING:
     from kilnlm.runtime.tokenizer import Tokenizer
 
-PREFILL_CHUNK = 512  # bounds the (chunk x context) attention scores of very long prompts
 
 
 @dataclass

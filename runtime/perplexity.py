@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from kilnlm.errors import ContextLengthError, KilnError
+from kilnlm.runtime.cache import PREFILL_CHUNK
 
 if TYPE_CHECKING:
     from kilnlm.runtime.tokenizer import Tokenizer
@@ -82,6 +83,7 @@ def perplexity(
     batch: int = 1,
     on_chunk: Callable[[int, int, float], None] | None = None,
     base: nn.Module | None = None,
+    kv_options: dict | None = None,
 ) -> PerplexityResult:
     """Perplexity of `model` on `text` by llama.cpp's protocol (see the module docstring).
 
@@ -89,7 +91,9 @@ def perplexity(
     bounds `ctx`. `chunks` caps the number of chunks (None: all), `batch` is how many chunks share one forward
     pass, and `on_chunk(done, total, running_ppl)` is called after every chunk, in order. With a `base` model
     (same vocabulary; e.g. the F16 model a quantized one came from) the result also holds the divergence of
-    `model` from `base` on the scored positions.
+    `model` from `base` on the scored positions. With `kv_options` naming a cache type (k_type / v_type, see
+    runtime.cache.new_kv_cache) `model` scores through a KV cache of that type, in sub-batches of at most
+    PREFILL_CHUNK tokens, so attention reads the quantized keys and values as llama-perplexity's does.
     """
     started = time.perf_counter()
     _check_settings(model, ctx, chunks, batch)
@@ -113,7 +117,7 @@ def perplexity(
         inputs = targets.clone()
         if bos_id is not None:
             inputs[:, 0] = bos_id
-        logprobs = _scored_logprobs(model, inputs, first)  # (b, ctx-1-first, V)
+        logprobs = _scored_logprobs(model, inputs, first, kv_options)  # (b, ctx-1-first, V)
         scored = targets[:, first + 1 :].to(logprobs.device).unsqueeze(-1)
         nll = (-logprobs.gather(-1, scored).squeeze(-1)).double().cpu()  # (b, ctx-1-first)
         if divergence is not None:
@@ -135,11 +139,16 @@ def perplexity(
     )
 
 
-def _scored_logprobs(model: nn.Module, inputs: torch.Tensor, first: int) -> torch.Tensor:
+def _scored_logprobs(model: nn.Module, inputs: torch.Tensor, first: int, kv_options: dict | None = None) -> torch.Tensor:
     """float32 log-probabilities (b, ctx-1-first, V) at the positions whose next token is scored."""
     device = next(model.parameters()).device
+    inputs = inputs.to(device)
     with torch.inference_mode():
-        logits = model(inputs.to(device), cache=None)  # (b, ctx, V)
+        if kv_options and (kv_options.get("k_type") or kv_options.get("v_type")):
+            cache = model.new_cache(inputs.shape[1], batch=inputs.shape[0], **kv_options)
+            logits = torch.cat([model(part, cache) for part in inputs.split(PREFILL_CHUNK, dim=1)], dim=1)
+        else:
+            logits = model(inputs, cache=None)  # (b, ctx, V)
         return torch.log_softmax(logits[:, first : inputs.shape[1] - 1].float(), dim=-1)
 
 

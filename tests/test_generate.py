@@ -53,6 +53,14 @@ def engine_folder(tmp_path, sp_tokenizer_files):
     return tmp_path
 
 
+@pytest.fixture
+def wide_head_folder(tmp_path, sp_tokenizer_files):
+    """The tiny model with head_dim 32, so that q8_0 / q4_0 KV blocks fit."""
+    make_hf_model(tmp_path, "llama", vocab_size=TOKENIZER_VOCAB, max_position_embeddings=256, head_dim=32)
+    add_tokenizer(tmp_path, sp_tokenizer_files)
+    return tmp_path
+
+
 def test_engine_greedy_matches_plain_forward_loop(engine_folder):
     engine = Engine.load(engine_folder, progress=False)
     prompt_ids = engine.tokenizer.encode("Once upon a time")
@@ -86,8 +94,12 @@ def _common_prefix(a, b):
     return n
 
 
-def test_chat_turns_reuse_the_cache_and_match_a_fresh_run(engine_folder):
-    engine = Engine.load(engine_folder, progress=False)
+@pytest.mark.parametrize("kv", [{}, {"kv_type": "q8_0"}, {"k_type": "q8_0", "v_type": "q4_0"},
+                                {"kv_type": "q4_0", "kv_rotation": False}])
+def test_chat_turns_reuse_the_cache_and_match_a_fresh_run(wide_head_folder, kv):
+    """Per cache kind: the second turn runs only its new tokens and answers as a fresh engine of that kind."""
+    engine_folder = wide_head_folder
+    engine = Engine.load(engine_folder, progress=False, **kv)
     messages = [{"role": "user", "content": "Once upon a time"}]
     first = engine.chat(messages, max_tokens=8, temperature=0)
     cached = list(engine.cache.token_ids)
@@ -98,7 +110,7 @@ def test_chat_turns_reuse_the_cache_and_match_a_fresh_run(engine_folder):
     new_prompt = engine.chat_prompt_ids(messages)
     assert stats.reused_tokens == _common_prefix(cached, new_prompt)
     assert stats.reused_tokens >= len(engine.chat_prompt_ids(messages[:1])) > 0
-    fresh = Engine.load(engine_folder, progress=False)
+    fresh = Engine.load(engine_folder, progress=False, **kv)
     assert fresh.chat(messages, max_tokens=8, temperature=0) == second
     assert fresh.last_stats.reused_tokens == 0
 

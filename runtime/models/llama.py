@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from kilnlm import kernels
-from kilnlm.runtime.cache import Cache, DenseKVCache
+from kilnlm.runtime.cache import Cache, KVCache, new_kv_cache
 from kilnlm.runtime.config import ModelConfig
 from kilnlm.runtime.rope import RotaryEmbedding
 
@@ -117,15 +117,7 @@ class LlamaModel(nn.Module):
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return torch.nn.functional.linear(x, head).float()
 
-    def new_cache(self, capacity: int, batch: int = 1) -> DenseKVCache:
-        """A KV cache for up to `capacity` positions, on the model's device and in its dtype."""
+    def new_cache(self, capacity: int, batch: int = 1, **kv_options) -> KVCache:
+        """A KV cache for up to `capacity` positions on the model's device (kv_options: see new_kv_cache)."""
         weight = self.embed_tokens.weight
-        return DenseKVCache(
-            self.config.num_layers,
-            self.config.num_kv_heads,
-            self.config.head_dim,
-            capacity,
-            batch=batch,
-            dtype=weight.dtype,
-            device=weight.device,
-        )
+        return new_kv_cache(self.config, capacity, batch=batch, dtype=weight.dtype, device=weight.device, **kv_options)
