@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from kilnlm.kernels.activation import silu_mul_ref
-from kilnlm.kernels.attention import attention_ref as attention
+from kilnlm.kernels.attention import attention_ref, attention_triton
 from kilnlm.kernels.hadamard import hadamard_rotate_ref as hadamard_rotate
 from kilnlm.kernels.norm import rms_norm_ref
 from kilnlm.kernels.rope import apply_rotary_ref
@@ -24,6 +24,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
         return rms_norm_triton(x.contiguous(), weight, eps)
     return rms_norm_ref(x, weight, eps)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Causal (optionally sliding-window) GQA attention; the T queries are the last T of the S key positions."""
+    return attention_triton(q, k, v, window) if q.is_cuda else attention_ref(q, k, v, window)
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

@@ -39,6 +39,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import kilnlm.kernels.norm as norm_mod  # noqa: E402
 from kilnlm.kernels.activation import silu_mul_ref, silu_mul_triton  # noqa: E402
+from kilnlm.kernels.attention import attention_ref, attention_triton  # noqa: E402
 from kilnlm.kernels.int8_matmul import MAX_K, int8_linear_triton, int8_matmul_triton  # noqa: E402
 from kilnlm.kernels.norm import rms_norm_ref, rms_norm_triton  # noqa: E402
 from kilnlm.kernels.rope import apply_rotary_ref, apply_rotary_triton  # noqa: E402
@@ -289,6 +290,51 @@ def test_int8_linear_matches_reference_forward(device, dtype):
     x2 = x.clone()
     x2[1, 2, 33] = 0
     assert not torch.equal(int8_linear_triton(x2, packed, bias, block_m=16, block_n=16, block_k=32), out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FlashAttention prefill
+
+# Against the fp32 reference on the same (rounded) inputs: the kernel accumulates in fp32 but rounds P to the
+# K/V dtype before P·V and rounds the output once, so the error is a few ulp of the output dtype.
+_ATTN_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+ATTENTION_CASES = [
+    # batch, kv heads, group, T, S, head_dim, window
+    (1, 2, 1, 19, 19, 64, None),  # plain causal prefill, T not a multiple of the tile
+    (2, 2, 4, 19, 37, 80, None),  # GQA group 4 after 18 cached positions, head_dim 80 (padded tile)
+    (1, 1, 8, 1, 37, 64, None),  # decode: one query, group 8
+    (1, 2, 2, 21, 70, 64, 5),  # window smaller than S: most tiles skipped
+    (1, 1, 4, 3, 40, 96, 100),  # window larger than S
+    (1, 1, 1, 1, 50, 64, 1),  # window 1: each query sees only itself
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+def test_flash_attention_matches_reference(device, dtype, case):
+    batch, kv_heads, group, queries, keys, head_dim, window = case
+    g = _seed(11)
+    q = torch.randn(batch, kv_heads * group, queries, head_dim, generator=g).to(dtype)
+    k = torch.randn(batch, kv_heads, keys, head_dim, generator=g).to(dtype)
+    v = torch.randn(batch, kv_heads, keys, head_dim, generator=g).to(dtype)
+    out = attention_triton(q.to(device), k.to(device), v.to(device), window)
+    ref = attention_ref(q.float(), k.float(), v.float(), window)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert (out.float().cpu() - ref).abs().max().item() <= _ATTN_TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_flash_attention_reads_strided_q_and_fully_masked_rows_are_zero(device):
+    """q as the model makes it (a transposed view), and a window of 0 (no key visible): zeros, never NaN."""
+    g = _seed(12)
+    q = torch.randn(1, 7, 4, 64, generator=g).transpose(1, 2).to(device)  # (B, H, T, D) view, strided
+    k = torch.randn(1, 2, 7, 64, generator=g).to(device)
+    out = attention_triton(q, k, k, None)
+    assert (out.cpu() - attention_ref(q.cpu(), k.cpu(), k.cpu())).abs().max() <= 1e-5
+    zero = attention_triton(q, k, k, 0)
+    assert torch.equal(zero.cpu(), torch.zeros_like(zero.cpu()))
+    assert torch.equal(attention_ref(q.cpu(), k.cpu(), k.cpu(), 0), zero.cpu())
 
 
 # ---------------------------------------------------------------------------------------------------------
