@@ -10,11 +10,12 @@ import torch
 
 from kilnlm.kernels.activation import silu_mul_ref
 from kilnlm.kernels.attention import attention_ref, attention_triton
+from kilnlm.kernels.decode_attention import decode_attention_ref, decode_attention_triton
 from kilnlm.kernels.hadamard import hadamard_rotate_ref as hadamard_rotate
 from kilnlm.kernels.norm import rms_norm_ref
 from kilnlm.kernels.rope import apply_rotary_ref
 
-__all__ = ["apply_rotary", "attention", "hadamard_rotate", "int8_linear", "packed_matmul", "rms_norm", "silu_mul"]
+__all__ = ["apply_rotary", "attention", "decode_attention", "hadamard_rotate", "int8_linear", "packed_matmul", "rms_norm", "silu_mul"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -29,6 +30,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """Causal (optionally sliding-window) GQA attention; the T queries are the last T of the S key positions."""
     return attention_triton(q, k, v, window) if q.is_cuda else attention_ref(q, k, v, window)
+
+
+def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
+                     seq_lens: torch.Tensor, k_fmt: str | None, v_fmt: str | None, window: int | None) -> torch.Tensor:
+    """One query per sequence over a paged (optionally q8_0 / q4_0) KV pool; see kernels.decode_attention."""
+    if q.is_cuda:
+        return decode_attention_triton(q, k_pool, v_pool, block_table, seq_lens, k_fmt, v_fmt, window)
+    return decode_attention_ref(q, k_pool, v_pool, block_table, seq_lens, k_fmt, v_fmt, window)
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

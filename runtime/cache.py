@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from kilnlm import kernels
 from kilnlm.errors import ContextLengthError
 from kilnlm.runtime.config import ModelConfig
 from kilnlm.runtime.kv_stores import FloatCodec, FullStore, LayerStore, WindowStore, kv_codec
@@ -39,6 +40,15 @@ class Cache(ABC):
     @abstractmethod
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store keys/values (B, Hkv, T, D) for positions length .. length+T-1; return all of the layer's so far."""
+
+    def attend(self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               window: int | None) -> torch.Tensor:
+        """Store the new keys/values, then attention of q (B, Hq, T, D) over the layer's positions so far.
+
+        The cache knows its layout, so it picks the kernel that reads it (a quantized cache's decode kernel
+        reads the packed blocks); this default attends over what update() returns.
+        """
+        return kernels.attention(q, *self.update(layer, keys, values), window=window)
 
     def commit(self, token_ids: Sequence[int]) -> None:
         """Record that every layer has stored the positions of `token_ids`; called once per forward pass."""
@@ -91,6 +101,11 @@ class KVCache(Cache):
         still end at the last query (attention aligns queries to the end of the keys).
         """
         return self.stores[layer].append(self.length, keys, values)
+
+    def attend(self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               window: int | None) -> torch.Tensor:
+        """Attention over the layer's store, through the kernel that reads its layout."""
+        return self.stores[layer].attend(self.length, q, keys, values, window)
 
     def resume_point(self, length: int) -> int:
         """`length` if every store can continue from there, else 0 (recompute), said once on stderr."""

@@ -90,6 +90,14 @@ class BlockCodec(KVCodec):
         return (kernels.hadamard_rotate(x) if self.rotate else x).to(dtype)
 
 
+def _rotated(codec: KVCodec) -> bool:
+    return isinstance(codec, BlockCodec) and codec.rotate
+
+
+def _block_format(codec: KVCodec) -> str | None:
+    return codec.name if isinstance(codec, BlockCodec) else None
+
+
 def kv_codec(kv_type: str | None, model_dtype: torch.dtype, head_dim: int, rotate: bool = True) -> KVCodec:
     """The codec for a cache type name (None: the model's dtype); CacheTypeError names the valid ones."""
     if kv_type is None:
@@ -124,6 +132,11 @@ class LayerStore(ABC):
     def append(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store positions start .. start+T-1; return keys/values (B, H, S, D) of the last S positions kept."""
 
+    def attend(self, start: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               window: int | None) -> torch.Tensor:
+        """Store positions start .. start+T-1, then attention of q (B, Hq, T, D) over what a query may see."""
+        return kernels.attention(q, *self.append(start, keys, values), window=window)
+
     @abstractmethod
     def resumable(self, length: int) -> bool:
         """Whether the cache can go back to `length` positions and continue from there."""
@@ -146,6 +159,27 @@ class FullStore(LayerStore):
         self.values[:, :, start:end] = self.v_codec.encode(values)
         return (self.k_codec.decode(self.keys[:, :, :end], self.dtype),
                 self.v_codec.decode(self.values[:, :, :end], self.dtype))
+
+    def attend(self, start, q, keys, values, window):
+        """Decode steps over packed blocks (and every step on CUDA) go through the decode kernel, which reads
+        the buffers as a paged pool of one page per sequence; prefill attends over the decoded rows."""
+        packed = isinstance(self.k_codec, BlockCodec) or isinstance(self.v_codec, BlockCodec)
+        if q.shape[2] != 1 or not (packed or q.is_cuda):
+            return super().attend(start, q, keys, values, window)
+        end = start + 1
+        self.keys[:, :, start:end] = self.k_codec.encode(keys)
+        self.values[:, :, start:end] = self.v_codec.encode(values)
+        batch = q.shape[0]
+        table = torch.arange(batch, dtype=torch.int32, device=q.device)[:, None]
+        lengths = torch.full((batch,), end, dtype=torch.int32, device=q.device)
+        query = q[:, :, 0]
+        if _rotated(self.k_codec):  # (qH)·(kH) = q·k: rotate the query instead of unrotating every key
+            query = kernels.hadamard_rotate(query)
+        out = kernels.decode_attention(query, self.keys, self.values, table, lengths, _block_format(self.k_codec),
+                                       _block_format(self.v_codec), window)
+        if _rotated(self.v_codec):  # softmax-weighted rotated values are the rotated output
+            out = kernels.hadamard_rotate(out)
+        return out[:, :, None].to(q.dtype)
 
     def resumable(self, length: int) -> bool:
         return True

@@ -143,3 +143,14 @@ def test_perplexity_scores_through_the_quantized_cache():
     exact = ppl()
     q8, q4 = ppl(k_type="q8_0", v_type="q8_0"), ppl(k_type="q4_0", v_type="q4_0")
     assert q4 != exact and abs(q8 / exact - 1) < 0.005 and abs(q4 / exact - 1) < 0.05
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+def test_decode_kernel_layouts_are_the_registry_layouts(fmt):
+    """kernels.decode_attention restates ggml's block layouts (it may not import quant); pin them bit for bit."""
+    from kilnlm.kernels.decode_attention import dequantize_kv_ref
+    from kilnlm.quant.formats import get_format
+
+    x = torch.randn(3, 2, 5, 96, generator=torch.Generator().manual_seed(7)) * 3
+    packed = get_format(fmt).quantize(x)
+    assert torch.equal(dequantize_kv_ref(packed, fmt, 96), get_format(fmt).dequantize(packed, x.shape))

@@ -40,6 +40,8 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 import kilnlm.kernels.norm as norm_mod  # noqa: E402
 from kilnlm.kernels.activation import silu_mul_ref, silu_mul_triton  # noqa: E402
 from kilnlm.kernels.attention import attention_ref, attention_triton  # noqa: E402
+from kilnlm.kernels.decode_attention import decode_attention_ref, decode_attention_triton  # noqa: E402
+from kilnlm.quant.formats import get_format  # noqa: E402
 from kilnlm.kernels.int8_matmul import MAX_K, int8_linear_triton, int8_matmul_triton  # noqa: E402
 from kilnlm.kernels.norm import rms_norm_ref, rms_norm_triton  # noqa: E402
 from kilnlm.kernels.rope import apply_rotary_ref, apply_rotary_triton  # noqa: E402
@@ -335,6 +337,51 @@ def test_flash_attention_reads_strided_q_and_fully_masked_rows_are_zero(device):
     zero = attention_triton(q, k, k, 0)
     assert torch.equal(zero.cpu(), torch.zeros_like(zero.cpu()))
     assert torch.equal(attention_ref(q.cpu(), k.cpu(), k.cpu(), 0), zero.cpu())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decode attention over a paged, quantized pool
+
+
+def _paged_pool(lengths, kv_heads, head_dim, page, fmt, dtype, g):
+    """A pool with pages handed out in shuffled order (plus unused ones), its block table and lengths."""
+    needed = [-(-n // page) for n in lengths]
+    order = torch.randperm(sum(needed) + 3, generator=g)
+    table = torch.zeros(len(lengths), max(needed), dtype=torch.int32)
+    taken = 0
+    for b, count in enumerate(needed):
+        table[b, :count] = order[taken : taken + count]
+        taken += count
+    pool = torch.randn(len(order), kv_heads, page, head_dim, generator=g)
+    pool = get_format(fmt).quantize(pool) if fmt else pool.to(dtype)
+    return pool, table, torch.tensor(lengths, dtype=torch.int32)
+
+
+DECODE_CASES = [
+    # lengths, kv heads, group, head_dim, page, k format, v format, window, splits
+    ([37, 5, 16], 2, 4, 64, 16, None, None, None, 3),  # ragged lengths, float pool
+    ([50], 1, 1, 80, 16, None, None, 9, 2),  # head_dim 80, window
+    ([70, 33, 1], 2, 2, 64, 32, "q8_0", "q8_0", None, 4),
+    ([70, 33], 1, 8, 64, 16, "q4_0", "q4_0", None, 3),  # group 8
+    ([100, 64], 2, 4, 128, 16, "q8_0", "q4_0", 20, 5),  # K8/V4, window inside the last split
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("case", DECODE_CASES)
+def test_decode_attention_matches_reference(device, dtype, case):
+    lengths, kv_heads, group, head_dim, page, k_fmt, v_fmt, window, splits = case
+    g = _seed(13)
+    k_pool, table, lens = _paged_pool(lengths, kv_heads, head_dim, page, k_fmt, dtype, g)
+    v_pool, _, _ = _paged_pool(lengths, kv_heads, head_dim, page, v_fmt, dtype, _seed(13))
+    v_pool = v_pool[torch.randperm(len(v_pool), generator=g)]  # V pages differ from K's
+    q = torch.randn(len(lengths), kv_heads * group, head_dim, generator=g).to(dtype)
+    out = decode_attention_triton(*(t.to(device) for t in (q, k_pool, v_pool, table, lens)), k_fmt, v_fmt, window,
+                                  num_splits=splits)
+    ref = decode_attention_ref(q.float(), k_pool, v_pool, table, lens, k_fmt, v_fmt, window)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert (out.float().cpu() - ref).abs().max().item() <= _ATTN_TOL[dtype]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -50,9 +50,10 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = kernels.apply_rotary(q, k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, D): every position so far
-        out = kernels.attention(q, k, v, window=self.window)  # (B, Hq, T, D)
+        if cache is None:
+            out = kernels.attention(q, k, v, window=self.window)  # (B, Hq, T, D)
+        else:  # the cache stores k, v and attends over every position so far, in its own layout
+            out = cache.attend(self.layer, q, k, v, self.window)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
 
 
