@@ -17,35 +17,10 @@ import argparse
 import json
 import os
 import sys
-import time
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (2048, 8192), (8192, 2048)]  # (K, N)
 DRY_SHAPES = [(64, 40), (96, 72)]
 FORMATS = ("q4_0", "q4_1", "q8_0")
-
-
-def _timer(device):
-    """A function that times a callable (median of several runs) in seconds."""
-    import torch
-
-    def run(fn, repeats: int) -> float:
-        fn()  # warm-up (compilation)
-        times = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                started = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - started)
-        return sorted(times)[len(times) // 2]
-
-    return run
 
 
 def _int4_baseline(x, w, timer, repeats):
@@ -71,11 +46,11 @@ def run(dry_run: bool) -> list[dict]:
 
     from kilnlm.kernels.dequant_matmul import dequant_matmul, pack_for_kernel
     from kilnlm.quant.formats import get_format
-    from kilnlm.runtime.bench import measure_bandwidth
+    from kilnlm.runtime.bench import measure_bandwidth, median_timer
 
     device = torch.device("cpu" if dry_run else "cuda")
     dtype = torch.float32 if dry_run else torch.float16
-    timer, repeats = _timer(device), (1 if dry_run else 20)
+    timer, repeats = median_timer(device), (1 if dry_run else 20)
     bandwidth = measure_bandwidth(device, megabytes=16 if dry_run else 1024)
     rows = []
     for k, n in DRY_SHAPES if dry_run else SHAPES:

@@ -148,3 +148,26 @@ def _timed_generation(model: nn.Module, prompt: torch.Tensor, new_tokens: int,
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def median_timer(device: torch.device):
+    """fn, repeats -> the median seconds of `repeats` runs after one warm-up (CUDA events on the GPU)."""
+
+    def run(fn, repeats: int) -> float:
+        fn()  # warm-up (compilation)
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                started = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - started)
+        return sorted(times)[len(times) // 2]
+
+    return run

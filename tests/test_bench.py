@@ -53,3 +53,16 @@ def test_kernel_benchmark_dry_run_times_every_format_and_shape():
     rows = json.loads(result.stdout)
     assert {r["format"] for r in rows} == {"q4_0", "q4_1", "q8_0"} and {r["M"] for r in rows} == {1, 33}
     assert all(r["seconds"] > 0 and r["GB_per_s"] > 0 for r in rows)
+
+
+def test_attention_benchmark_dry_run_covers_prefill_and_every_kv_type():
+    pytest.importorskip("triton")
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "attention.py"), "--dry-run", "--json"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    prefill = [r for r in rows if r["kind"] == "prefill"]
+    decode = [r for r in rows if r["kind"] == "decode"]
+    assert prefill and all(r["seconds"] > 0 and r["sdpa_seconds"] > 0 for r in prefill)
+    assert {r["kv_type"] for r in decode} == {"f16", "q8_0", "q4_0"} and {r["positions"] for r in decode} == {64, 200}
+    assert all(r["GB_per_s"] > 0 for r in decode)
