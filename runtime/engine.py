@@ -91,6 +91,7 @@ class Engine:
         k_type: str | None = None,
         v_type: str | None = None,
         kv_rotation: bool = True,
+        paged_kv: bool = False,
     ) -> Engine:
         """Load an HF checkpoint folder or a GGUF file onto `device` in `dtype` ('auto', 'float32', 'bf16', ...).
 
@@ -98,7 +99,8 @@ class Engine:
         them (the default on CUDA, where the Triton kernels run); otherwise they are dequantised at load.
         `kv_type` sets the KV cache's element type for keys and values ('f16', 'bf16', 'f32', 'q8_0', 'q4_0';
         None: the model's dtype), `k_type` / `v_type` each side (as llama.cpp's --cache-type-k / -v);
-        `kv_rotation` Hadamard-rotates quantized keys and values (on by default).
+        `kv_rotation` Hadamard-rotates quantized keys and values (on by default). `paged_kv` keeps the cache in
+        16-position pages whose full pages are found again by the hash of their prefix (runtime.paged_cache).
         """
         from kilnlm.runtime.kv_stores import kv_codec
 
@@ -121,6 +123,8 @@ class Engine:
             leave=False,
         )
         kv_options = {"k_type": k_type or kv_type, "v_type": v_type or kv_type, "rotate": kv_rotation}
+        if paged_kv:
+            kv_options["paged"] = True
         model_dtype = resolve_dtype(dtype, device)
         for side in ("k_type", "v_type"):  # refuse a bad cache type before the (slow) weights load
             kv_codec(kv_options[side], model_dtype, config.head_dim)

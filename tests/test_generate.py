@@ -95,7 +95,8 @@ def _common_prefix(a, b):
 
 
 @pytest.mark.parametrize("kv", [{}, {"kv_type": "q8_0"}, {"k_type": "q8_0", "v_type": "q4_0"},
-                                {"kv_type": "q4_0", "kv_rotation": False}])
+                                {"kv_type": "q4_0", "kv_rotation": False}, {"paged_kv": True},
+                                {"paged_kv": True, "kv_type": "q8_0"}])
 def test_chat_turns_reuse_the_cache_and_match_a_fresh_run(wide_head_folder, kv):
     """Per cache kind: the second turn runs only its new tokens and answers as a fresh engine of that kind."""
     engine_folder = wide_head_folder

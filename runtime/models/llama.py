@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from kilnlm import kernels
-from kilnlm.runtime.cache import Cache, KVCache, new_kv_cache
+from kilnlm.runtime.cache import Cache, new_kv_cache
+from kilnlm.runtime.paged_cache import new_paged_cache
 from kilnlm.runtime.config import ModelConfig
 from kilnlm.runtime.rope import RotaryEmbedding
 
@@ -118,7 +119,12 @@ class LlamaModel(nn.Module):
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return torch.nn.functional.linear(x, head).float()
 
-    def new_cache(self, capacity: int, batch: int = 1, **kv_options) -> KVCache:
-        """A KV cache for up to `capacity` positions on the model's device (kv_options: see new_kv_cache)."""
+    def new_cache(self, capacity: int, batch: int = 1, *, paged: bool = False, **kv_options) -> Cache:
+        """A KV cache for up to `capacity` positions on the model's device: dense per-layer stores (kv_options:
+        see new_kv_cache), or with `paged` one sequence's view of a page pool (see new_paged_cache)."""
         weight = self.embed_tokens.weight
+        if paged:
+            if batch != 1:
+                raise ValueError("a paged cache holds one sequence; make one per sequence over a shared pool")
+            return new_paged_cache(self.config, capacity, dtype=weight.dtype, device=weight.device, **kv_options)
         return new_kv_cache(self.config, capacity, batch=batch, dtype=weight.dtype, device=weight.device, **kv_options)
