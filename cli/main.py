@@ -32,6 +32,7 @@ BENCH_EXAMPLE = """examples:
   kiln bench --shape llama-8b --device cuda          # random weights, no download
   kiln bench llama1b-q4_0.gguf --device cuda --json
   kiln bench --dry-run                               # the harness on a tiny model, on the CPU
+  kiln bench --shape llama-8b --device cuda --ctx 32768 --cache-type-k q8_0 --cache-type-v q8_0
 """
 INSPECT_EXAMPLE = """examples:
   kiln inspect llama1b-q8_0.gguf
@@ -296,6 +297,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.dry_run:  # the harness on a tiny model, anywhere, in seconds; the figures mean nothing
         args.shape, args.prompt_tokens, args.new_tokens = "tiny", 32, 8
+    elif args.ctx is not None:  # decode at that context: the prompt fills it up to the decoded tokens
+        if args.ctx <= args.new_tokens:
+            raise KilnError(f"--ctx {args.ctx} leaves no room for a prompt before {args.new_tokens} new tokens")
+        args.prompt_tokens = args.ctx - args.new_tokens
     if args.model:
         model = _load(args, args.model).model
     else:
@@ -457,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
                 BENCH_EXAMPLE)
     bench.add_argument("model", nargs="?", default=None, help="HF folder or GGUF file (or use --shape)")
     bench.add_argument("--shape", default="llama-1b", help="synthetic model when no MODEL: llama-1b, llama-8b, tiny")
-    bench.add_argument("--prompt-tokens", type=int, default=512, help="prefill length (default: 512)")
+    bench.add_argument("--prompt-tokens", type=int, default=512,
+                       help="prefill length (default: 512; with --ctx N: N minus --new-tokens, so decode runs at N)")
     bench.add_argument("--new-tokens", type=int, default=128, help="decode steps (default: 128)")
     bench.add_argument("--dry-run", action="store_true", help="run the harness on a tiny model (CPU-friendly)")
     bench.add_argument("--json", action="store_true", help="print JSON")

@@ -154,3 +154,20 @@ def test_decode_kernel_layouts_are_the_registry_layouts(fmt):
     x = torch.randn(3, 2, 5, 96, generator=torch.Generator().manual_seed(7)) * 3
     packed = get_format(fmt).quantize(x)
     assert torch.equal(dequantize_kv_ref(packed, fmt, 96), get_format(fmt).dequantize(packed, x.shape))
+
+
+@torch.no_grad()
+def test_mixed_window_and_full_layers_in_one_cache(tmp_path):
+    """Qwen2 with windows only from max_window_layers on: per-layer stores of both kinds, HF's logits."""
+    from kilnlm.runtime.kv_stores import FullStore
+
+    hf = make_hf_model(tmp_path, "qwen2", use_sliding_window=True, sliding_window=5, max_window_layers=1)
+    checkpoint = open_hf_checkpoint(tmp_path)
+    ours = build_model(checkpoint.config, checkpoint.tensors())
+    windows = [ours.config.window_for_layer(i) for i in range(ours.config.num_layers)]
+    cache = ours.new_cache(1024, chunk=8)
+    kinds = [type(store) for store in cache.stores]
+    assert kinds == [WindowStore if w else FullStore for w in windows] and len(set(kinds)) == 2
+    ids = torch.randint(0, 128, (1, 90), generator=torch.Generator().manual_seed(8))
+    logits = _run_incrementally(ours, ids, cache, chunk=8)
+    assert (logits - hf(ids).logits).abs().max() <= TOL
