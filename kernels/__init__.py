@@ -9,13 +9,13 @@ from __future__ import annotations
 import torch
 
 from kilnlm.kernels.activation import silu_mul_ref
-from kilnlm.kernels.attention import attention_ref, attention_triton
+from kilnlm.kernels.attention import attention_ref, attention_triton, paged_attention_ref, paged_attention_triton
 from kilnlm.kernels.decode_attention import decode_attention_ref, decode_attention_triton
 from kilnlm.kernels.hadamard import hadamard_rotate_ref as hadamard_rotate
 from kilnlm.kernels.norm import rms_norm_ref
 from kilnlm.kernels.rope import apply_rotary_ref
 
-__all__ = ["apply_rotary", "attention", "decode_attention", "hadamard_rotate", "int8_linear", "packed_matmul", "rms_norm", "silu_mul"]
+__all__ = ["apply_rotary", "attention", "decode_attention", "hadamard_rotate", "paged_attention", "int8_linear", "packed_matmul", "rms_norm", "silu_mul"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -38,6 +38,17 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     if q.is_cuda:
         return decode_attention_triton(q, k_pool, v_pool, block_table, seq_lens, k_fmt, v_fmt, window)
     return decode_attention_ref(q, k_pool, v_pool, block_table, seq_lens, k_fmt, v_fmt, window)
+
+
+def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
+                    seq_lens: torch.Tensor, k_fmt: str | None, v_fmt: str | None, window: int | None) -> torch.Tensor:
+    """q (B, Hq, T, D) at the end of each sequence, over paged (optionally q8_0 / q4_0) K/V: the split-K decode
+    kernel for one query, FlashAttention over the pages for more."""
+    if q.shape[2] == 1:
+        args = (k_pool, v_pool, block_table, seq_lens, k_fmt, v_fmt, window)
+        return decode_attention(q[:, :, 0], *args)[:, :, None]
+    kernel = paged_attention_triton if q.is_cuda else paged_attention_ref
+    return kernel(q, k_pool, v_pool, block_table, seq_lens, k_fmt, v_fmt, window)
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

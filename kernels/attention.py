@@ -54,37 +54,105 @@ def attention_ref(
     return out
 
 
+# --------------------------------------------------------------------------------------------- paged pools
+
+QK = 32
+# ggml block layouts a KV pool row may hold: format -> (bytes per 32-value block, offset of the codes); the fp16
+# scale is at offset 0. q8_0 codes are int8; q4_0 keeps value i in the low nibble of byte i for i < 16 and in the
+# high nibble of byte i - 16 otherwise, value = (nibble - 8) * scale. Restated here because kernels may not
+# import `quant` (they sit below it); the tests pin them to quant.formats bit for bit.
+KV_BLOCK_LAYOUTS = {"q8_0": (34, 2), "q4_0": (18, 2)}
+_FMT_ID = {None: 0, "q8_0": 1, "q4_0": 2}
+
+
+def dequantize_kv_ref(rows: torch.Tensor, fmt: str | None, head_dim: int) -> torch.Tensor:
+    """Rows (..., row) of a pool as float32 (..., head_dim); float pools are only converted."""
+    if fmt is None:
+        return rows.float()
+    block_bytes, codes_at = KV_BLOCK_LAYOUTS[fmt]
+    blocks = rows.reshape(*rows.shape[:-1], head_dim // QK, block_bytes)
+    scale = blocks[..., :2].contiguous().view(torch.float16).float()  # (..., n_blocks, 1)
+    codes = blocks[..., codes_at:]
+    if fmt == "q8_0":
+        values = codes.contiguous().view(torch.int8).float()
+    else:
+        values = torch.cat([codes & 0x0F, codes >> 4], dim=-1).float() - 8
+    return (values * scale).reshape(*rows.shape[:-1], head_dim)
+
+
+def gather_pages(pool: torch.Tensor, pages: torch.Tensor, length: int) -> torch.Tensor:
+    """(Hkv, length, row) of one sequence from its pages of a pool (num_pages, Hkv, PAGE, row)."""
+    page = pool.shape[2]
+    parts = [pool[int(p), :, : min(page, length - i * page)] for i, p in enumerate(pages.tolist())]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def paged_attention_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
+                        seq_lens: torch.Tensor, k_fmt: str | None = None, v_fmt: str | None = None,
+                        window: int | None = None) -> torch.Tensor:
+    """attention_ref for q (B, Hq, T, D), each sequence's T queries at the end of its seq_lens[b] positions,
+    over K/V held in pages (num_pages, Hkv, PAGE, row) listed by block_table (B, max_pages)."""
+    head_dim, page = q.shape[-1], k_pool.shape[2]
+    out = torch.empty_like(q)
+    for b, length in enumerate(seq_lens.tolist()):
+        pages = block_table[b, : -(-length // page)]
+        k = dequantize_kv_ref(gather_pages(k_pool, pages, length), k_fmt, head_dim).to(q.dtype)
+        v = dequantize_kv_ref(gather_pages(v_pool, pages, length), v_fmt, head_dim).to(q.dtype)
+        out[b] = attention_ref(q[b][None], k[None], v[None], window)[0]
+    return out
+
+
 # --------------------------------------------------------------------------------------------- Triton: prefill
 
 if _TRITON_IMPORT_ERROR is None:
 
     @triton.jit
+    def load_kv_rows(pool, page, slot, kv_head, s_page, s_head, s_slot, d, ok, FMT: tl.constexpr):
+        """Rows (BLOCK_N, BLOCK_D) of a pool: in its dtype when float, dequantised to float32 when packed."""
+        base = pool + page[:, None] * s_page + kv_head * s_head + slot[:, None] * s_slot
+        if FMT == 0:
+            return tl.load(base + d[None, :], mask=ok, other=0.0)
+        block_bytes: tl.constexpr = 34 if FMT == 1 else 18
+        block = base + (d[None, :] // 32) * block_bytes
+        lo = tl.load(block, mask=ok, other=0).to(tl.uint16)
+        hi = tl.load(block + 1, mask=ok, other=0).to(tl.uint16)
+        scale = (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+        within = d[None, :] % 32
+        if FMT == 1:
+            code = tl.load(block + 2 + within, mask=ok, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+        else:
+            byte = tl.load(block + 2 + within % 16, mask=ok, other=0)
+            code = tl.where(within < 16, byte & 0x0F, byte >> 4).to(tl.float32) - 8.0
+        return code * scale
+
+    @triton.jit
     def _flash_prefill_kernel(
-        q_ptr, k_ptr, v_ptr, o_ptr,
-        T, S, HKV, WINDOW, scale,
-        sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_t,
+        q_ptr, k_pool, v_pool, table_ptr, lens_ptr, o_ptr,
+        T, HKV, WINDOW, PAGE, scale,
+        sq_b, sq_h, sq_t, sk_page, sk_head, sk_slot, sv_page, sv_head, sv_slot, st_b, so_b, so_h, so_t,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
-        DOT_F32: tl.constexpr,
+        DOT_F32: tl.constexpr, K_FMT: tl.constexpr, V_FMT: tl.constexpr,
     ):
         # One program: BLOCK_M queries of every query head of one kv head's group, as one tile of
         # GROUP_PAD * BLOCK_M rows (row r is head r // BLOCK_M, query r % BLOCK_M), so each K/V tile is
-        # loaded once for the whole group.
+        # loaded once for the whole group. Keys are found through the block table (a dense K/V is a pool of
+        # one page per sequence) and dequantised in registers when the pool is packed.
         start_m = tl.program_id(0) * BLOCK_M
         bh = tl.program_id(1).to(tl.int64)
         b, kv_head = bh // HKV, bh % HKV
+        dtype: tl.constexpr = tl.float32 if DOT_F32 else q_ptr.dtype.element_ty
         rows = tl.arange(0, GROUP_PAD * BLOCK_M)
         head = kv_head * GROUP + rows // BLOCK_M
         t = start_m + rows % BLOCK_M
         row_ok = (rows // BLOCK_M < GROUP) & (t < T)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
-        offset = S - T  # the queries are the last T of the S positions
+        S = tl.load(lens_ptr + b)
+        offset = S - T  # the queries are the last T of the sequence's S positions
         q_pos = offset + t
         q = tl.load(q_ptr + b * sq_b + head[:, None] * sq_h + t[:, None] * sq_t + d[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        if DOT_F32:
-            q = q.to(tl.float32)
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(dtype)
 
         m_i = tl.full((GROUP_PAD * BLOCK_M,), -1.0e30, tl.float32)
         l_i = tl.zeros((GROUP_PAD * BLOCK_M,), tl.float32)
@@ -94,15 +162,14 @@ if _TRITON_IMPORT_ERROR is None:
         lo = 0
         if HAS_WINDOW:
             lo = tl.maximum(0, offset + start_m - WINDOW + 1) // BLOCK_N * BLOCK_N
-        k_base = k_ptr + b * sk_b + kv_head * sk_h
-        v_base = v_ptr + b * sv_b + kv_head * sv_h
         for start_n in range(lo, hi, BLOCK_N):
             k_pos = start_n + tl.arange(0, BLOCK_N)
             k_ok = k_pos < S
-            k = tl.load(k_base + k_pos[None, :] * sk_s + d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-            if DOT_F32:
-                k = k.to(tl.float32)
-            s = tl.dot(q, k, input_precision=PRECISION) * scale  # (rows, BLOCK_N) fp32
+            page = tl.load(table_ptr + b * st_b + k_pos // PAGE, mask=k_ok, other=0).to(tl.int64)
+            slot = k_pos % PAGE
+            ok = k_ok[:, None] & d_ok[None, :]
+            k = load_kv_rows(k_pool, page, slot, kv_head, sk_page, sk_head, sk_slot, d, ok, K_FMT).to(dtype)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (rows, BLOCK_N) fp32
             allowed = row_ok[:, None] & k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
             if HAS_WINDOW:
                 allowed &= q_pos[:, None] - k_pos[None, :] < WINDOW
@@ -111,16 +178,53 @@ if _TRITON_IMPORT_ERROR is None:
             p = tl.where(allowed, tl.exp(s - m_new[:, None]), 0.0)
             alpha = tl.exp(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + k_pos[:, None] * sv_s + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            p = p.to(v_ptr.dtype.element_ty)  # P is rounded to the K/V dtype for the tensor-core product
-            if DOT_F32:
-                p, v = p.to(tl.float32), v.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+            v = load_kv_rows(v_pool, page, slot, kv_head, sv_page, sv_head, sv_slot, d, ok, V_FMT)
+            # P is rounded to the query dtype for the tensor-core product (fp32 under DOT_F32)
+            p = p.to(q_ptr.dtype.element_ty).to(dtype)
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(dtype), input_precision=PRECISION)
             m_i = m_new
         # A row no key may be seen by (a window smaller than the gap) has l = 0: it gives zeros, not NaN.
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(o_ptr + b * so_b + head[:, None] * so_h + t[:, None] * so_t + d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def paged_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
+                           seq_lens: torch.Tensor, k_fmt: str | None = None, v_fmt: str | None = None,
+                           window: int | None = None, block_m: int | None = None, block_n: int = 32) -> torch.Tensor:
+    """paged_attention_ref's result from the FlashAttention kernel, reading (packed) pages directly."""
+    require_triton("paged_attention_triton", q, k_pool, v_pool)
+    batch, num_heads, num_queries, head_dim = q.shape
+    num_kv_heads = k_pool.shape[1]
+    if num_heads % num_kv_heads or ((k_fmt or v_fmt) and head_dim % QK):
+        raise ValueError(f"paged_attention_triton: q {tuple(q.shape)} does not fit the pool {tuple(k_pool.shape)}")
+    group = num_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    if block_m is None:  # keep the group's tile near 64 rows
+        block_m = max(16, min(64, 64 // group_pad, triton.next_power_of_2(num_queries)))
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    out = torch.empty_like(q)
+    grid = (triton.cdiv(num_queries, block_m), batch * num_kv_heads)
+    # The interpreter's tl.dot mishandles bf16; products of bf16 values are exact in fp32 and both paths
+    # accumulate in fp32, so multiplying upcast tiles there is the same arithmetic.
+    dot_f32 = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    _flash_prefill_kernel[grid](
+        q, k_pool, v_pool, block_table, seq_lens, out, num_queries, num_kv_heads, window or 0, k_pool.shape[2],
+        head_dim**-0.5, *q.stride()[:3], *k_pool.stride()[:3], *v_pool.stride()[:3], block_table.stride(0),
+        *out.stride()[:3],
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_M=block_m, BLOCK_N=block_n, HAS_WINDOW=window is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 or dot_f32 else "tf32", DOT_F32=dot_f32,
+        K_FMT=_FMT_ID[k_fmt], V_FMT=_FMT_ID[v_fmt],
+    )
+    return out
+
+
+def one_page_per_sequence(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block table and lengths that let the paged kernels read a dense (B, Hkv, S, row) tensor as B pages."""
+    batch, length = k.shape[0], k.shape[2]
+    table = torch.arange(batch, dtype=torch.int32, device=k.device)[:, None]
+    return table, torch.full((batch,), length, dtype=torch.int32, device=k.device)
 
 
 def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None,
@@ -129,26 +233,9 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
 
     GQA reads each K/V tile once per group of query heads; a sliding window skips the tiles outside it.
     """
-    require_triton("attention_triton", q, k, v)
-    batch, num_heads, num_queries, head_dim = q.shape
-    num_kv_heads, num_keys = k.shape[1], k.shape[2]
-    if num_heads % num_kv_heads or k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:
+    batch, num_heads, _, head_dim = q.shape
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:
         raise ValueError(f"attention_triton: q {tuple(q.shape)} does not fit k {tuple(k.shape)} / v {tuple(v.shape)}")
-    group = num_heads // num_kv_heads
-    group_pad = triton.next_power_of_2(group)
-    if block_m is None:  # keep the group's tile near 64 rows
-        block_m = max(16, min(64, 64 // group_pad, triton.next_power_of_2(num_queries)))
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    out = torch.empty_like(q)
-    grid = (triton.cdiv(num_queries, block_m), batch * num_kv_heads)
-    # The interpreter's tl.dot mishandles bf16; products of bf16 values are exact in fp32 and both paths
-    # accumulate in fp32, so multiplying upcast tiles there is the same arithmetic.
-    dot_f32 = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
-    _flash_prefill_kernel[grid](
-        q, k, v, out, num_queries, num_keys, num_kv_heads, window or 0, head_dim**-0.5,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_M=block_m, BLOCK_N=block_n, HAS_WINDOW=window is not None,
-        PRECISION="ieee" if q.dtype == torch.float32 or dot_f32 else "tf32", DOT_F32=dot_f32,
-    )
-    return out
+    k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
+    table, lengths = one_page_per_sequence(k)
+    return paged_attention_triton(q, k, v, table, lengths, None, None, window, block_m, block_n)

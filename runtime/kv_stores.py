@@ -90,6 +90,17 @@ class BlockCodec(KVCodec):
         return (kernels.hadamard_rotate(x) if self.rotate else x).to(dtype)
 
 
+def attend_pages(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor,
+                 lengths: torch.Tensor, k_codec: KVCodec, v_codec: KVCodec, window: int | None) -> torch.Tensor:
+    """kernels.paged_attention over pools kept by these codecs: with rotated keys the query is rotated instead
+    ((qH)·(kH) = q·k), and with rotated values the output is rotated back (softmax-weighted rotated values
+    are the rotated output)."""
+    query = kernels.hadamard_rotate(q) if _rotated(k_codec) else q
+    out = kernels.paged_attention(query, k_pool, v_pool, table, lengths, _block_format(k_codec),
+                                  _block_format(v_codec), window)
+    return (kernels.hadamard_rotate(out) if _rotated(v_codec) else out).to(q.dtype)
+
+
 def _rotated(codec: KVCodec) -> bool:
     return isinstance(codec, BlockCodec) and codec.rotate
 
@@ -161,25 +172,17 @@ class FullStore(LayerStore):
                 self.v_codec.decode(self.values[:, :, :end], self.dtype))
 
     def attend(self, start, q, keys, values, window):
-        """Decode steps over packed blocks (and every step on CUDA) go through the decode kernel, which reads
-        the buffers as a paged pool of one page per sequence; prefill attends over the decoded rows."""
+        """With packed blocks (and always on CUDA) the kernels read the buffers as one page per sequence."""
         packed = isinstance(self.k_codec, BlockCodec) or isinstance(self.v_codec, BlockCodec)
-        if q.shape[2] != 1 or not (packed or q.is_cuda):
+        if not (packed or q.is_cuda):
             return super().attend(start, q, keys, values, window)
-        end = start + 1
+        end = start + keys.shape[2]
         self.keys[:, :, start:end] = self.k_codec.encode(keys)
         self.values[:, :, start:end] = self.v_codec.encode(values)
         batch = q.shape[0]
         table = torch.arange(batch, dtype=torch.int32, device=q.device)[:, None]
         lengths = torch.full((batch,), end, dtype=torch.int32, device=q.device)
-        query = q[:, :, 0]
-        if _rotated(self.k_codec):  # (qH)·(kH) = q·k: rotate the query instead of unrotating every key
-            query = kernels.hadamard_rotate(query)
-        out = kernels.decode_attention(query, self.keys, self.values, table, lengths, _block_format(self.k_codec),
-                                       _block_format(self.v_codec), window)
-        if _rotated(self.v_codec):  # softmax-weighted rotated values are the rotated output
-            out = kernels.hadamard_rotate(out)
-        return out[:, :, None].to(q.dtype)
+        return attend_pages(q, self.keys, self.values, table, lengths, self.k_codec, self.v_codec, window)
 
     def resumable(self, length: int) -> bool:
         return True

@@ -9,9 +9,9 @@ cached sequence (the next chat turn, the same system prompt in another request) 
 of running their tokens again. Only full pages are shared, so a sequence only ever writes into a page of
 its own: stepping back into a shared page resumes at that page's start.
 
-Attention reads the pages directly: decode steps through kernels.decode_attention (block table + lengths);
-prefill chunks attend over the gathered rows (the reference path; a paged prefill kernel is still to come).
-Sliding windows are applied by masking here (the window store of kv_stores is the memory-saving kind).
+Attention reads the pages directly through the block table (kernels.paged_attention: split-K decode for one
+query, FlashAttention for a prefill chunk, both dequantising packed pages in registers). Sliding windows are
+applied by masking here (the window store of kv_stores is the memory-saving kind).
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kilnlm import kernels
 from kilnlm.errors import ContextLengthError
 from kilnlm.runtime.cache import Cache
 from kilnlm.runtime.config import ModelConfig
-from kilnlm.runtime.kv_stores import BlockCodec, KVCodec, kv_codec
+from kilnlm.runtime.kv_stores import KVCodec, attend_pages, kv_codec
 
 DEFAULT_PAGE = 16
 
@@ -154,23 +153,12 @@ class PagedKVCache(Cache):
 
     def attend(self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                window: int | None) -> torch.Tensor:
-        """Decode steps read the pages through the block table; prefill chunks attend over gathered rows."""
-        if q.shape[2] != 1:
-            return super().attend(layer, q, keys, values, window)
+        """Attention that reads the pages through the block table (decode and prefill kernels alike)."""
         end = self._write(layer, keys, values)
-        device = q.device
-        table = torch.tensor([self.table], dtype=torch.int32, device=device)
-        lengths = torch.tensor([end], dtype=torch.int32, device=device)
-        k_codec, v_codec = self.pool.k_codec, self.pool.v_codec
-        query = q[:, :, 0]
-        if isinstance(k_codec, BlockCodec) and k_codec.rotate:
-            query = kernels.hadamard_rotate(query)  # (qH)·(kH) = q·k
-        out = kernels.decode_attention(query, self.pool.keys[layer], self.pool.values[layer], table, lengths,
-                                       k_codec.name if isinstance(k_codec, BlockCodec) else None,
-                                       v_codec.name if isinstance(v_codec, BlockCodec) else None, window)
-        if isinstance(v_codec, BlockCodec) and v_codec.rotate:
-            out = kernels.hadamard_rotate(out)
-        return out[:, :, None].to(q.dtype)
+        table = torch.tensor([self.table], dtype=torch.int32, device=q.device)
+        lengths = torch.tensor([end], dtype=torch.int32, device=q.device)
+        return attend_pages(q, self.pool.keys[layer], self.pool.values[layer], table, lengths, self.pool.k_codec,
+                            self.pool.v_codec, window)
 
     # ------------------------------------------------------------------------------------------ bookkeeping
 

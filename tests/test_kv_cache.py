@@ -148,7 +148,7 @@ def test_perplexity_scores_through_the_quantized_cache():
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
 def test_decode_kernel_layouts_are_the_registry_layouts(fmt):
     """kernels.decode_attention restates ggml's block layouts (it may not import quant); pin them bit for bit."""
-    from kilnlm.kernels.decode_attention import dequantize_kv_ref
+    from kilnlm.kernels.attention import dequantize_kv_ref
     from kilnlm.quant.formats import get_format
 
     x = torch.randn(3, 2, 5, 96, generator=torch.Generator().manual_seed(7)) * 3

@@ -39,7 +39,12 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import kilnlm.kernels.norm as norm_mod  # noqa: E402
 from kilnlm.kernels.activation import silu_mul_ref, silu_mul_triton  # noqa: E402
-from kilnlm.kernels.attention import attention_ref, attention_triton  # noqa: E402
+from kilnlm.kernels.attention import (  # noqa: E402
+    attention_ref,
+    attention_triton,
+    paged_attention_ref,
+    paged_attention_triton,
+)
 from kilnlm.kernels.decode_attention import decode_attention_ref, decode_attention_triton  # noqa: E402
 from kilnlm.quant.formats import get_format  # noqa: E402
 from kilnlm.kernels.int8_matmul import MAX_K, int8_linear_triton, int8_matmul_triton  # noqa: E402
@@ -380,6 +385,29 @@ def test_decode_attention_matches_reference(device, dtype, case):
     out = decode_attention_triton(*(t.to(device) for t in (q, k_pool, v_pool, table, lens)), k_fmt, v_fmt, window,
                                   num_splits=splits)
     ref = decode_attention_ref(q.float(), k_pool, v_pool, table, lens, k_fmt, v_fmt, window)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert (out.float().cpu() - ref).abs().max().item() <= _ATTN_TOL[dtype]
+
+
+PAGED_PREFILL_CASES = [
+    # lengths, kv heads, group, queries, head_dim, page, k format, v format, window
+    ([40, 19], 2, 4, 19, 64, 16, "q8_0", "q8_0", None),  # a chat's second turn over a quantized history
+    ([70], 1, 2, 21, 64, 16, "q4_0", "q8_0", 9),  # window inside the history
+    ([33, 50], 2, 1, 5, 80, 16, None, None, None),  # float pages, head_dim 80
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", PAGED_PREFILL_CASES)
+def test_flash_attention_reads_paged_quantized_history(device, dtype, case):
+    lengths, kv_heads, group, queries, head_dim, page, k_fmt, v_fmt, window = case
+    g = _seed(14)
+    k_pool, table, lens = _paged_pool(lengths, kv_heads, head_dim, page, k_fmt, dtype, g)
+    v_pool, _, _ = _paged_pool(lengths, kv_heads, head_dim, page, v_fmt, dtype, _seed(15))
+    q = torch.randn(len(lengths), kv_heads * group, queries, head_dim, generator=g).to(dtype)
+    out = paged_attention_triton(*(t.to(device) for t in (q, k_pool, v_pool, table, lens)), k_fmt, v_fmt, window)
+    ref = paged_attention_ref(q.float(), k_pool, v_pool, table, lens, k_fmt, v_fmt, window)
     assert out.dtype == dtype and out.shape == q.shape
     assert (out.float().cpu() - ref).abs().max().item() <= _ATTN_TOL[dtype]
 
