@@ -171,3 +171,16 @@ def test_mixed_window_and_full_layers_in_one_cache(tmp_path):
     ids = torch.randint(0, 128, (1, 90), generator=torch.Generator().manual_seed(8))
     logits = _run_incrementally(ours, ids, cache, chunk=8)
     assert (logits - hf(ids).logits).abs().max() <= TOL
+
+
+@torch.no_grad()
+def test_sliding_window_store_with_quantized_keys_and_values(mistral):
+    """The window layout and the q8_0 element type compose: bounded bytes, logits near the float ones."""
+    _, ours = mistral
+    ids = torch.randint(0, 128, (1, 120), generator=torch.Generator().manual_seed(9))
+    exact = ours(ids)
+    cache = ours.new_cache(1024, chunk=8, k_type="q8_0", v_type="q8_0")
+    assert all(isinstance(store, WindowStore) for store in cache.stores)
+    logits = _run_incrementally(ours, ids, cache, chunk=8)
+    assert (logits - exact).square().mean().sqrt() / exact.std() <= 0.03
+    assert cache.stores[0].keys.shape[2] == 7 - 1 + ROLLBACK_MARGIN + 8 and cache.stores[0].first > 0
