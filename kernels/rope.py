@@ -24,9 +24,12 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary_ref(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q (B, Hq, T, D) and k (B, Hkv, T, D) by cos/sin (T, D), which already carry any attention factor."""
+    """Rotate q (B, Hq, T, D) and k (B, Hkv, T, D) by cos/sin (T, D), or (B, T, D) for per-sequence positions,
+    which already carry any attention factor."""
     cos = cos.to(q.dtype)
     sin = sin.to(q.dtype)
+    if cos.ndim == 3:  # one table per sequence: broadcast over the heads
+        cos, sin = cos[:, None], sin[:, None]
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
@@ -36,7 +39,7 @@ if _TRITON_IMPORT_ERROR is None:
     def _rotary_kernel(
         q_ptr, k_ptr, cos_ptr, sin_ptr,
         HQ, HKV,
-        sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sc_t, ss_t,
+        sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sc_b, sc_t, ss_b, ss_t,
         HALF: tl.constexpr, BLOCK: tl.constexpr,
     ):
         t = tl.program_id(0).to(tl.int64)
@@ -47,6 +50,8 @@ if _TRITON_IMPORT_ERROR is None:
         else:
             base = k_ptr + b * sk_b + (h - HQ) * sk_h + t * sk_t
         dtype: tl.constexpr = q_ptr.dtype.element_ty
+        cos_ptr += b * sc_b  # sc_b = ss_b = 0 when every sequence shares one table
+        sin_ptr += b * ss_b
         offs = tl.arange(0, BLOCK)
         mask = offs < HALF
         # The reference casts the tables to q's dtype and rounds after every op; so do we.
@@ -65,7 +70,8 @@ if _TRITON_IMPORT_ERROR is None:
 def apply_rotary_triton(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """apply_rotary_ref, IN PLACE: rotates q (B, Hq, T, D) and k (B, Hkv, T, D) by cos/sin (T, D); returns (q, k).
+    """apply_rotary_ref, IN PLACE: rotates q (B, Hq, T, D) and k (B, Hkv, T, D) by cos/sin (T, D) or (B, T, D);
+    returns (q, k).
 
     q and k must share a dtype (fp16/bf16/fp32) and device, and each must be a non-overlapping view with unit
     stride along D (a contiguous tensor, or a transposed view such as (B, T, H, D).transpose(1, 2)); the
@@ -82,8 +88,9 @@ def apply_rotary_triton(
     if q.dtype != k.dtype or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"apply_rotary_triton: q and k must share a dtype among fp16/bf16/fp32, got {q.dtype} and {k.dtype}")
     for name, table in (("cos", cos), ("sin", sin)):
-        if tuple(table.shape) != (seq, dim) or not table.is_floating_point() or table.device != q.device:
-            raise ValueError(f"apply_rotary_triton: {name} must be float ({seq}, {dim}) on {q.device}, got {table.dtype} {tuple(table.shape)} on {table.device}")
+        if tuple(table.shape) not in ((seq, dim), (bsz, seq, dim)) or not table.is_floating_point() or table.device != q.device:
+            raise ValueError(f"apply_rotary_triton: {name} must be float ({seq}, {dim}) or ({bsz}, {seq}, {dim}) on "
+                             f"{q.device}, got {table.dtype} {tuple(table.shape)} on {table.device}")
     for name, t in (("q", q), ("k", k)):
         if t.stride(-1) != 1 or _overlaps(t):
             raise ValueError(
@@ -96,10 +103,16 @@ def apply_rotary_triton(
         half = dim // 2
         _rotary_kernel[(seq, bsz, hq + hkv)](
             q, k, cos, sin, hq, hkv,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), cos.stride(0), sin.stride(0),
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            *_table_strides(cos), *_table_strides(sin),
             HALF=half, BLOCK=triton.next_power_of_2(half), num_warps=1 if half <= 128 else 4,
         )
     return q, k
+
+
+def _table_strides(table: torch.Tensor) -> tuple[int, int]:
+    """(sequence stride, position stride) of a (T, D) or (B, T, D) cos/sin table; 0 when shared by the batch."""
+    return (table.stride(0), table.stride(1)) if table.ndim == 3 else (0, table.stride(0))
 
 
 def _overlaps(t: torch.Tensor) -> bool:

@@ -54,6 +54,14 @@ class Cache(ABC):
         """Record that every layer has stored the positions of `token_ids`; called once per forward pass."""
         self.token_ids.extend(int(t) for t in token_ids)
 
+    def commit_rows(self, input_ids: torch.Tensor) -> None:
+        """commit() for a forward pass over input_ids (B, T); the rows of a dense batch share one length."""
+        self.commit(input_ids[0].tolist())
+
+    def offsets(self) -> int | torch.Tensor:
+        """The position of the next token: one int, or a (B,) tensor when each sequence has its own length."""
+        return self.length
+
     def check_room(self, num_new: int) -> None:
         """Raise ContextLengthError if `num_new` more positions do not fit."""
         if self.length + num_new > self.capacity:

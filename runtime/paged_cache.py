@@ -214,6 +214,53 @@ class PagedKVCache(Cache):
         return self.pool.nbytes() * len(self.table) // self.pool.num_pages
 
 
+class PagedBatch(Cache):
+    """Several sequences of a page pool, each at its own length, run together: row b of a forward pass
+    continues sequences[b] (its rotary positions and its attention use that sequence's length)."""
+
+    def __init__(self, sequences: Sequence[PagedKVCache]):
+        pools = {id(seq.pool) for seq in sequences}
+        if not sequences or len(pools) != 1:
+            raise ValueError("a PagedBatch needs at least one sequence, all on one page pool")
+        super().__init__(min(seq.capacity for seq in sequences))
+        self.sequences = list(sequences)
+        self.pool = sequences[0].pool
+
+    def offsets(self) -> torch.Tensor:
+        return torch.tensor([seq.length for seq in self.sequences])
+
+    def check_room(self, num_new: int) -> None:
+        for seq in self.sequences:
+            seq.check_room(num_new)
+
+    def update(self, layer, keys, values):
+        raise NotImplementedError("a PagedBatch holds sequences of different lengths; use attend()")
+
+    def attend(self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               window: int | None) -> torch.Tensor:
+        """Write each row into its sequence's pages, then attend over every sequence's own length."""
+        if q.shape[0] != len(self.sequences):
+            raise ValueError(f"a batch of {q.shape[0]} rows for {len(self.sequences)} sequences")
+        lengths = [seq._write(layer, keys[b : b + 1], values[b : b + 1]) for b, seq in enumerate(self.sequences)]
+        width = max(len(seq.table) for seq in self.sequences)
+        table = torch.zeros((len(self.sequences), width), dtype=torch.int32)
+        for b, seq in enumerate(self.sequences):
+            table[b, : len(seq.table)] = torch.tensor(seq.table, dtype=torch.int32)
+        return attend_pages(q, self.pool.keys[layer], self.pool.values[layer], table.to(q.device),
+                            torch.tensor(lengths, dtype=torch.int32, device=q.device), self.pool.k_codec,
+                            self.pool.v_codec, window)
+
+    def commit_rows(self, input_ids: torch.Tensor) -> None:
+        for seq, row in zip(self.sequences, input_ids.tolist()):
+            seq.commit(row)
+
+    def truncate(self, length: int) -> None:
+        raise NotImplementedError("truncate each sequence of a PagedBatch on its own")
+
+    def nbytes(self) -> int:
+        return sum(seq.nbytes() for seq in self.sequences)
+
+
 def new_paged_cache(config: ModelConfig, capacity: int, *, dtype: torch.dtype = torch.float32,
                     device: torch.device | str = "cpu", k_type: str | None = None, v_type: str | None = None,
                     rotate: bool = True, page: int = DEFAULT_PAGE, pool: KVPagePool | None = None) -> PagedKVCache:

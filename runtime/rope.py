@@ -106,14 +106,19 @@ class RotaryEmbedding(nn.Module):
         inv_freq, self.attention_factor = rope_frequencies(config, config.max_position_embeddings)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin (fp32) for positions start .. start + length - 1."""
+    def forward(self, start: int | torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (fp32) for positions start .. start + length - 1: (T, D) tables, or (B, T, D) when `start`
+        is a tensor of per-sequence starts (a batch of sequences at different lengths)."""
         inv_freq = self.inv_freq
-        end = start + length
+        end = int(start.max()) + length if isinstance(start, torch.Tensor) else start + length
         if self.config.rope_scaling.type == "dynamic" and end > self.config.max_position_embeddings:
             # NTK-aware scaling grows with the sequence; earlier cached keys keep their rotation, as in HF.
             inv_freq = rope_frequencies(self.config, end)[0].to(inv_freq.device)
-        positions = torch.arange(start, end, device=inv_freq.device, dtype=torch.float32)
-        freqs = positions[:, None] * inv_freq[None, :]  # (T, D/2)
+        steps = torch.arange(length, device=inv_freq.device, dtype=torch.float32)
+        if isinstance(start, torch.Tensor):
+            positions = start.to(inv_freq.device, torch.float32)[:, None] + steps  # (B, T)
+        else:
+            positions = steps + start
+        freqs = positions[..., None] * inv_freq  # (..., T, D/2)
         angles = torch.cat((freqs, freqs), dim=-1)  # (T, D)
         return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor

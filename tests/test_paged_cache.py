@@ -92,3 +92,28 @@ def test_quantized_pages_decode_like_the_dense_quantized_cache(model, kv_type):
         b = torch.cat([model(torch.tensor([[t]]), dense) for t in tokens], dim=1)
     assert (a - b).abs().max() <= 1e-4
     assert paged.nbytes() < dense.nbytes()  # 3 pages of 16 held, against 64 preallocated positions
+
+
+@pytest.mark.parametrize("kv_type", [None, "q8_0"])
+def test_a_batch_of_sequences_at_different_lengths_decodes_like_each_alone(model, kv_type):
+    """Rows of one forward pass continue sequences of 37, 20 and 5 positions (own rotary positions, own lengths)."""
+    from kilnlm.runtime.paged_cache import PagedBatch
+
+    pool = KVPagePool(model.config, 24, page=PAGE, k_type=kv_type, v_type=kv_type)
+    prompts = [_ids(37, 10), _ids(20, 11), _ids(5, 12)]
+    sequences = [PagedKVCache(pool, 128) for _ in prompts]
+    alone = []
+    with torch.no_grad():
+        for seq, prompt in zip(sequences, prompts):  # prefill each on its own (different prompt lengths)
+            model(torch.tensor([prompt[:-1]]), seq)
+        batch = PagedBatch(sequences)
+        steps = torch.tensor([[p[-1]] for p in prompts])
+        together = [model(steps, batch)]  # (3, 1, V): one decode step for all three
+        nexts = together[0][:, -1].argmax(-1, keepdim=True)
+        together.append(model(nexts, batch))  # and a second one
+        for prompt, step in zip(prompts, nexts.tolist()):
+            fresh = model.new_cache(128, k_type=kv_type, v_type=kv_type)
+            model(torch.tensor([prompt[:-1]]), fresh)
+            alone.append(torch.cat([model(torch.tensor([prompt[-1:]]), fresh), model(torch.tensor([step]), fresh)], 1))
+    assert [seq.length for seq in sequences] == [38, 21, 6]
+    assert (torch.cat(together, dim=1) - torch.cat(alone, dim=0)).abs().max() <= TOL

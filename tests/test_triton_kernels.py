@@ -184,6 +184,26 @@ def test_rope_in_place_matches_reference(device, dtype, hq, hkv, seq, dim):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_rope_with_one_table_per_sequence(device):
+    """A batch of sequences at different positions: (B, T, D) tables, row b rotated by its own."""
+    g = _seed(5)
+    q = torch.randn(3, 4, 2, 16, generator=g).half().to(device)
+    k = torch.randn(3, 2, 2, 16, generator=g).half().to(device)
+    tables = [_rope_tables(40, 16) for _ in range(3)]
+    starts = (0, 17, 31)  # each sequence's next position
+    cos = torch.stack([c[s : s + 2] for (c, _), s in zip(tables, starts)]).to(device)
+    sin = torch.stack([t[s : s + 2] for (_, t), s in zip(tables, starts)]).to(device)
+    ref_q, ref_k = apply_rotary_ref(q.clone(), k.clone(), cos, sin)
+    for b in range(3):  # the batched reference is the per-sequence one
+        one_q, _ = apply_rotary_ref(q[b : b + 1], k[b : b + 1], cos[b], sin[b])
+        assert torch.equal(one_q, ref_q[b : b + 1])
+    apply_rotary_triton(q, k, cos, sin)
+    tol = dict(max_ulp=0 if INTERPRET else 1, min_identical=1.0 if INTERPRET else 0.9)
+    assert_close_ulp(q, ref_q, **tol)
+    assert_close_ulp(k, ref_k, **tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_rope_writes_through_transposed_view(device):
     """q as (B, T, H, D).transpose(1, 2), the projection's natural layout, beside a contiguous k: each is read and
     written through its own strides, and the rotation lands in q's base tensor."""

@@ -106,13 +106,13 @@ class LlamaModel(nn.Module):
         start = 0
         if cache is not None:
             cache.check_room(length)
-            start = cache.length
+            start = cache.offsets()  # per sequence for a batch of sequences at different lengths
         cos, sin = self.rotary(start, length)
         x = self.embed_tokens(input_ids)  # (B, T, H)
         for layer in self.layers:
             x = layer(x, cos, sin, cache)
         if cache is not None:
-            cache.commit(input_ids[0].tolist())
+            cache.commit_rows(input_ids)
         if last_logits_only:
             x = x[:, -1:]
         x = self.norm(x)
