@@ -12,10 +12,11 @@ from kilnlm.kernels.activation import silu_mul_ref
 from kilnlm.kernels.attention import attention_ref, attention_triton, paged_attention_ref, paged_attention_triton
 from kilnlm.kernels.decode_attention import decode_attention_ref, decode_attention_triton
 from kilnlm.kernels.hadamard import hadamard_rotate_ref as hadamard_rotate
+from kilnlm.kernels.kv_quant import quantize_kv_ref, quantize_kv_triton
 from kilnlm.kernels.norm import rms_norm_ref
 from kilnlm.kernels.rope import apply_rotary_ref
 
-__all__ = ["apply_rotary", "attention", "decode_attention", "hadamard_rotate", "paged_attention", "int8_linear", "packed_matmul", "rms_norm", "silu_mul"]
+__all__ = ["apply_rotary", "attention", "decode_attention", "hadamard_rotate", "paged_attention", "quantize_kv", "int8_linear", "packed_matmul", "rms_norm", "silu_mul"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -49,6 +50,11 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
         return decode_attention(q[:, :, 0], *args)[:, :, None]
     kernel = paged_attention_triton if q.is_cuda else paged_attention_ref
     return kernel(q, k_pool, v_pool, block_table, seq_lens, k_fmt, v_fmt, window)
+
+
+def quantize_kv(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Keys or values (..., D) packed into ggml q8_0 / q4_0 blocks along D (uint8), without host syncs."""
+    return quantize_kv_triton(x, fmt) if x.is_cuda else quantize_kv_ref(x, fmt)
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

@@ -83,7 +83,9 @@ class BlockCodec(KVCodec):
         return torch.zeros((batch, heads, positions, self.row_bytes), dtype=torch.uint8, device=device)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.format.quantize(kernels.hadamard_rotate(x) if self.rotate else x)
+        # kernels.quantize_kv packs exactly as the registry's format does, minus its host-side checks, which
+        # would synchronise a GPU at every layer of every step.
+        return kernels.quantize_kv(kernels.hadamard_rotate(x) if self.rotate else x, self.name)
 
     def decode(self, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         x = self.format.dequantize(stored, (*stored.shape[:-1], self.head_dim))

@@ -184,3 +184,19 @@ def test_sliding_window_store_with_quantized_keys_and_values(mistral):
     logits = _run_incrementally(ours, ids, cache, chunk=8)
     assert (logits - exact).square().mean().sqrt() / exact.std() <= 0.03
     assert cache.stores[0].keys.shape[2] == 7 - 1 + ROLLBACK_MARGIN + 8 and cache.stores[0].first > 0
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kv_quantise_reference_packs_exactly_as_the_registry(fmt, dtype):
+    """The cache's sync-free packing equals quant.formats byte for byte, edge cases included."""
+    from kilnlm.kernels.kv_quant import quantize_kv_ref
+    from kilnlm.quant.formats import get_format
+
+    x = torch.randn(2, 3, 5, 64, generator=torch.Generator().manual_seed(10)) * 4
+    x[0, 0, 0, :32] = 0
+    x[0, 1, 0, 7] = -x[0, 1, 0, :32].abs().max()
+    x[0, 1, 0, 9] = -x[0, 1, 0, 7]
+    x[1, 2, 4, 40:] *= 1e-6
+    x = x.to(dtype)
+    assert torch.equal(quantize_kv_ref(x, fmt), get_format(fmt).quantize(x))

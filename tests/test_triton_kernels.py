@@ -46,6 +46,7 @@ from kilnlm.kernels.attention import (  # noqa: E402
     paged_attention_triton,
 )
 from kilnlm.kernels.decode_attention import decode_attention_ref, decode_attention_triton  # noqa: E402
+from kilnlm.kernels.kv_quant import quantize_kv_triton  # noqa: E402
 from kilnlm.quant.formats import get_format  # noqa: E402
 from kilnlm.kernels.int8_matmul import MAX_K, int8_linear_triton, int8_matmul_triton  # noqa: E402
 from kilnlm.kernels.norm import rms_norm_ref, rms_norm_triton  # noqa: E402
@@ -430,6 +431,26 @@ def test_flash_attention_reads_paged_quantized_history(device, dtype, case):
     ref = paged_attention_ref(q.float(), k_pool, v_pool, table, lens, k_fmt, v_fmt, window)
     assert out.dtype == dtype and out.shape == q.shape
     assert (out.float().cpu() - ref).abs().max().item() <= _ATTN_TOL[dtype]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# KV quantisation
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+def test_kv_quantise_kernel_packs_exactly_as_the_registry(device, dtype, fmt):
+    """Zero blocks, ties of opposite sign, a block dominated by one value, a ragged block count."""
+    x = torch.randn(3, 2, 7, 96, generator=_seed(16)) * 3
+    x[0, 0, 0, :32] = 0
+    x[0, 0, 1, 5] = -x[0, 0, 1, :32].abs().max()
+    x[0, 0, 1, 20] = -x[0, 0, 1, 5]  # the first of two equal magnitudes decides the q4_0 sign
+    x[1, 1, 2, :32] /= 1e3
+    x[1, 1, 2, 3] = 2.5
+    x = x.to(dtype)
+    packed = quantize_kv_triton(x.to(device), fmt, blocks_per_program=8)
+    assert torch.equal(packed.cpu(), get_format(fmt).quantize(x))
 
 
 # ---------------------------------------------------------------------------------------------------------
