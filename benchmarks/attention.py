@@ -66,7 +66,7 @@ def _decode_rows(device, dtype, timer, repeats, bandwidth, heads, kv_heads, head
                 pool = torch.randn(pages, kv_heads, PAGE, head_dim, device=device)
                 pools.append(get_format(kv).quantize(pool) if kv else pool.to(dtype))
             kv_bytes = sum(p.numel() * p.element_size() for p in pools)
-            seconds = timer(lambda: decode_attention_triton(q, *pools, table, lens, kv, kv), repeats)
+            seconds = timer(lambda pools=pools, kv=kv: decode_attention_triton(q, *pools, table, lens, kv, kv), repeats)
             f16_seconds = f16_seconds or seconds
             rows.append({"kind": "decode", "positions": length, "kv_type": kv or "f16", "seconds": seconds,
                          "GB_per_s": kv_bytes / seconds / 1e9, "share_of_copy_bandwidth": kv_bytes / seconds / 1e9 / bandwidth,

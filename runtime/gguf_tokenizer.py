@@ -394,7 +394,7 @@ class _BPE:
         pairs = _merge_pairs(merges, source)
         try:
             model = self._model(ids, pairs, pre)
-        except Exception:  # noqa: BLE001 - the Rust side raises plain Exception; retry without unusable merges
+        except Exception:  # the Rust side raises plain Exception; retry without the unusable merges
             # A merge whose parts or result are not tokens can never fire in llama.cpp (it looks the result
             # up); `tokenizers` refuses the whole list, so such merges are dropped.
             model = self._model(ids, [p for p in pairs if p[0] in ids and p[1] in ids and p[0] + p[1] in ids], pre)

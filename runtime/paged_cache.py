@@ -148,8 +148,11 @@ class PagedKVCache(Cache):
         pages, slots = self._rows(0, end)
         device = self.pool.keys[layer].device
         pages, slots = pages.to(device), slots.to(device)
-        decode = lambda pool, codec: codec.decode(pool[pages, :, slots].transpose(0, 1)[None], keys.dtype)  # noqa: E731
-        return decode(self.pool.keys[layer], self.pool.k_codec), decode(self.pool.values[layer], self.pool.v_codec)
+
+        def rows(pool: torch.Tensor, codec: KVCodec) -> torch.Tensor:
+            return codec.decode(pool[pages, :, slots].transpose(0, 1)[None], keys.dtype)
+
+        return rows(self.pool.keys[layer], self.pool.k_codec), rows(self.pool.values[layer], self.pool.v_codec)
 
     def attend(self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                window: int | None) -> torch.Tensor:
@@ -251,7 +254,7 @@ class PagedBatch(Cache):
                             self.pool.v_codec, window)
 
     def commit_rows(self, input_ids: torch.Tensor) -> None:
-        for seq, row in zip(self.sequences, input_ids.tolist()):
+        for seq, row in zip(self.sequences, input_ids.tolist(), strict=True):
             seq.commit(row)
 
     def truncate(self, length: int) -> None:
