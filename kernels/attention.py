@@ -107,6 +107,12 @@ def paged_attention_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
 if _TRITON_IMPORT_ERROR is None:
 
     @triton.jit
+    def locate_keys(table_ptr, b, st_b, pos, ok, PAGE):
+        """(page id, slot in the page) of key positions `pos` of sequence b, through its block table."""
+        page = tl.load(table_ptr + b * st_b + pos // PAGE, mask=ok, other=0).to(tl.int64)
+        return page, pos % PAGE
+
+    @triton.jit
     def load_kv_rows(pool, page, slot, kv_head, s_page, s_head, s_slot, d, ok, FMT: tl.constexpr):
         """Rows (BLOCK_N, BLOCK_D) of a pool: in its dtype when float, dequantised to float32 when packed."""
         base = pool + page[:, None] * s_page + kv_head * s_head + slot[:, None] * s_slot
@@ -165,8 +171,7 @@ if _TRITON_IMPORT_ERROR is None:
         for start_n in range(lo, hi, BLOCK_N):
             k_pos = start_n + tl.arange(0, BLOCK_N)
             k_ok = k_pos < S
-            page = tl.load(table_ptr + b * st_b + k_pos // PAGE, mask=k_ok, other=0).to(tl.int64)
-            slot = k_pos % PAGE
+            page, slot = locate_keys(table_ptr, b, st_b, k_pos, k_ok, PAGE)
             ok = k_ok[:, None] & d_ok[None, :]
             k = load_kv_rows(k_pool, page, slot, kv_head, sk_page, sk_head, sk_slot, d, ok, K_FMT).to(dtype)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (rows, BLOCK_N) fp32

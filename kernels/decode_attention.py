@@ -22,7 +22,7 @@ if _TRITON_IMPORT_ERROR is None:
     import triton
     import triton.language as tl
 
-    from kilnlm.kernels.attention import load_kv_rows
+    from kilnlm.kernels.attention import load_kv_rows, locate_keys
 
 def decode_attention_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
                          seq_lens: torch.Tensor, k_fmt: str | None = None, v_fmt: str | None = None,
@@ -63,8 +63,7 @@ if _TRITON_IMPORT_ERROR is None:
         for start in range(lo, hi, BLOCK_N):
             pos = start + tl.arange(0, BLOCK_N)
             key_ok = pos < hi
-            page = tl.load(table_ptr + b * st_b + pos // PAGE, mask=key_ok, other=0).to(tl.int64)
-            slot = pos % PAGE
+            page, slot = locate_keys(table_ptr, b, st_b, pos, key_ok, PAGE)
             ok = key_ok[:, None] & d_ok[None, :]
             k = load_kv_rows(k_pool, page, slot, kv_head, sk_page, sk_head, sk_slot, d, ok, K_FMT).to(tl.float32)
             s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # (GROUP_PAD, BLOCK_N)

@@ -23,6 +23,7 @@ import torch
 
 from kilnlm import kernels
 from kilnlm.errors import KilnError
+from kilnlm.kernels.attention import one_page_per_sequence
 from kilnlm.quant.formats import get_format
 
 FLOAT_KV_TYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -166,10 +167,15 @@ class FullStore(LayerStore):
         super().__init__(*args, **kwargs)
         self.keys, self.values = self._buffers(capacity)
 
-    def append(self, start, keys, values):
+    def _write(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> int:
+        """Store positions start .. start+T-1; return the end position."""
         end = start + keys.shape[2]
         self.keys[:, :, start:end] = self.k_codec.encode(keys)
         self.values[:, :, start:end] = self.v_codec.encode(values)
+        return end
+
+    def append(self, start, keys, values):
+        end = self._write(start, keys, values)
         return (self.k_codec.decode(self.keys[:, :, :end], self.dtype),
                 self.v_codec.decode(self.values[:, :, :end], self.dtype))
 
@@ -178,12 +184,8 @@ class FullStore(LayerStore):
         packed = isinstance(self.k_codec, BlockCodec) or isinstance(self.v_codec, BlockCodec)
         if not (packed or q.is_cuda):
             return super().attend(start, q, keys, values, window)
-        end = start + keys.shape[2]
-        self.keys[:, :, start:end] = self.k_codec.encode(keys)
-        self.values[:, :, start:end] = self.v_codec.encode(values)
-        batch = q.shape[0]
-        table = torch.arange(batch, dtype=torch.int32, device=q.device)[:, None]
-        lengths = torch.full((batch,), end, dtype=torch.int32, device=q.device)
+        end = self._write(start, keys, values)
+        table, lengths = one_page_per_sequence(self.keys[:, :, :end])
         return attend_pages(q, self.keys, self.values, table, lengths, self.k_codec, self.v_codec, window)
 
     def resumable(self, length: int) -> bool:

@@ -118,6 +118,9 @@ class PagedKVCache(Cache):
         self.pool = pool
         self.table: list[int] = []
         self._hashes: list[bytes] = []  # chain hash of each full page of the table, in order
+        # The placement of the positions being run, built once per forward pass and reused by every layer:
+        # (start, end, table, device) -> (pages, slots, block table, lengths) as device tensors.
+        self._placement: tuple[tuple, tuple[torch.Tensor, ...]] | None = None
 
     # ------------------------------------------------------------------------------------------ writing
 
@@ -130,14 +133,24 @@ class PagedKVCache(Cache):
         table = torch.tensor(self.table)
         return table[positions // page], positions % page
 
+    def _place(self, end: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(pages, slots) of positions length .. end-1 and the (1, n) block table and (1,) length tensors,
+        on `device`; computed by the first layer of a forward pass, then reused."""
+        key = (self.length, end, tuple(self.table), str(device))
+        if self._placement is None or self._placement[0] != key:
+            pages, slots = self._rows(self.length, end)  # may allocate pages: the key is taken again
+            placed = (pages.to(device), slots.to(device),
+                      torch.tensor([self.table], dtype=torch.int32, device=device),
+                      torch.tensor([end], dtype=torch.int32, device=device))
+            self._placement = ((self.length, end, tuple(self.table), str(device)), placed)
+        return self._placement[1]
+
     def _write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> int:
         """Store keys/values (1, Hkv, T, D) at the next positions; return the end position."""
         if keys.shape[0] != 1:
             raise ValueError("PagedKVCache holds one sequence; give each sequence of a batch its own cache")
-        start, end = self.length, self.length + keys.shape[2]
-        pages, slots = self._rows(start, end)
-        device = self.pool.keys[layer].device
-        pages, slots = pages.to(device), slots.to(device)
+        end = self.length + keys.shape[2]
+        pages, slots, _, _ = self._place(end, self.pool.keys[layer].device)
         self.pool.keys[layer][pages, :, slots] = self.pool.k_codec.encode(keys)[0].transpose(0, 1)
         self.pool.values[layer][pages, :, slots] = self.pool.v_codec.encode(values)[0].transpose(0, 1)
         return end
@@ -158,8 +171,7 @@ class PagedKVCache(Cache):
                window: int | None) -> torch.Tensor:
         """Attention that reads the pages through the block table (decode and prefill kernels alike)."""
         end = self._write(layer, keys, values)
-        table = torch.tensor([self.table], dtype=torch.int32, device=q.device)
-        lengths = torch.tensor([end], dtype=torch.int32, device=q.device)
+        _, _, table, lengths = self._place(end, self.pool.keys[layer].device)
         return attend_pages(q, self.pool.keys[layer], self.pool.values[layer], table, lengths, self.pool.k_codec,
                             self.pool.v_codec, window)
 
@@ -228,6 +240,7 @@ class PagedBatch(Cache):
         super().__init__(min(seq.capacity for seq in sequences))
         self.sequences = list(sequences)
         self.pool = sequences[0].pool
+        self._tables: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None  # per forward pass, as _place
 
     def offsets(self) -> torch.Tensor:
         return torch.tensor([seq.length for seq in self.sequences])
@@ -237,7 +250,14 @@ class PagedBatch(Cache):
             seq.check_room(num_new)
 
     def update(self, layer, keys, values):
-        raise NotImplementedError("a PagedBatch holds sequences of different lengths; use attend()")
+        """Every sequence's keys/values stacked (B, Hkv, S, D); only possible when the sequences are equally long
+        (attend() handles different lengths)."""
+        rows = [seq.update(layer, keys[b : b + 1], values[b : b + 1]) for b, seq in enumerate(self.sequences)]
+        lengths = {k.shape[2] for k, _ in rows}
+        if len(lengths) > 1:
+            raise ValueError(f"the sequences hold {sorted(lengths)} positions; stacked keys need equal lengths, "
+                             "attend() reads them as they are")
+        return torch.cat([k for k, _ in rows]), torch.cat([v for _, v in rows])
 
     def attend(self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                window: int | None) -> torch.Tensor:
@@ -245,20 +265,32 @@ class PagedBatch(Cache):
         if q.shape[0] != len(self.sequences):
             raise ValueError(f"a batch of {q.shape[0]} rows for {len(self.sequences)} sequences")
         lengths = [seq._write(layer, keys[b : b + 1], values[b : b + 1]) for b, seq in enumerate(self.sequences)]
-        width = max(len(seq.table) for seq in self.sequences)
-        table = torch.zeros((len(self.sequences), width), dtype=torch.int32)
-        for b, seq in enumerate(self.sequences):
-            table[b, : len(seq.table)] = torch.tensor(seq.table, dtype=torch.int32)
-        return attend_pages(q, self.pool.keys[layer], self.pool.values[layer], table.to(q.device),
-                            torch.tensor(lengths, dtype=torch.int32, device=q.device), self.pool.k_codec,
+        table, lengths = self._block_table(lengths, self.pool.keys[layer].device)
+        return attend_pages(q, self.pool.keys[layer], self.pool.values[layer], table, lengths, self.pool.k_codec,
                             self.pool.v_codec, window)
+
+    def _block_table(self, lengths: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The padded (B, max pages) block table and (B,) lengths on `device`, built once per forward pass."""
+        key = (tuple(lengths), tuple(tuple(seq.table) for seq in self.sequences), str(device))
+        if self._tables is None or self._tables[0] != key:
+            table = torch.zeros((len(self.sequences), max(len(seq.table) for seq in self.sequences)),
+                                dtype=torch.int32)
+            for b, seq in enumerate(self.sequences):
+                table[b, : len(seq.table)] = torch.tensor(seq.table, dtype=torch.int32)
+            self._tables = (key, (table.to(device), torch.tensor(lengths, dtype=torch.int32, device=device)))
+        return self._tables[1]
 
     def commit_rows(self, input_ids: torch.Tensor) -> None:
         for seq, row in zip(self.sequences, input_ids.tolist(), strict=True):
             seq.commit(row)
 
     def truncate(self, length: int) -> None:
-        raise NotImplementedError("truncate each sequence of a PagedBatch on its own")
+        """Cut every sequence longer than `length` back to it (truncate(0), i.e. reset(), empties them all)."""
+        for seq in self.sequences:
+            seq.truncate(min(seq.length, length))
+
+    def reuse_prefix(self, token_ids: Sequence[int]) -> int:
+        raise ValueError("a PagedBatch holds several prompts: call reuse_prefix on each sequence before batching")
 
     def nbytes(self) -> int:
         return sum(seq.nbytes() for seq in self.sequences)

@@ -117,3 +117,22 @@ def test_a_batch_of_sequences_at_different_lengths_decodes_like_each_alone(model
             alone.append(torch.cat([model(torch.tensor([prompt[-1:]]), fresh), model(torch.tensor([step]), fresh)], 1))
     assert [seq.length for seq in sequences] == [38, 21, 6]
     assert (torch.cat(together, dim=1) - torch.cat(alone, dim=0)).abs().max() <= TOL
+
+
+def test_batch_stacks_equal_sequences_and_resets_all(model):
+    """update() stacks equally long sequences and refuses ragged ones; reset() empties every sequence."""
+    from kilnlm.runtime.paged_cache import PagedBatch
+
+    pool = KVPagePool(model.config, 8, page=PAGE)
+    sequences = [PagedKVCache(pool, 64) for _ in range(2)]
+    batch = PagedBatch(sequences)
+    keys = torch.randn(2, model.config.num_kv_heads, 3, model.config.head_dim)
+    k, v = batch.update(0, keys, keys)
+    assert k.shape == (2, model.config.num_kv_heads, 3, model.config.head_dim) and torch.allclose(k, keys)
+    sequences[0].commit([1, 2, 3])
+    with pytest.raises(ValueError, match=r"hold \[1, 4\] positions"):
+        batch.update(0, keys[:, :, :1], keys[:, :, :1])
+    with pytest.raises(ValueError, match="call reuse_prefix on each sequence"):
+        batch.reuse_prefix([1, 2])
+    batch.reset()
+    assert [seq.length for seq in sequences] == [0, 0] and all(p.refs == 0 for p in pool.pages)
