@@ -6,17 +6,23 @@ chooses a kernel. There is no silent fallback: a CUDA tensor without triton inst
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from kilnlm.kernels.activation import silu_mul_ref
 from kilnlm.kernels.attention import attention_ref, attention_triton, paged_attention_ref, paged_attention_triton
+from kilnlm.kernels.causal_conv1d import causal_conv1d_ref, causal_conv1d_triton
 from kilnlm.kernels.decode_attention import decode_attention_ref, decode_attention_triton
 from kilnlm.kernels.hadamard import hadamard_rotate_ref as hadamard_rotate
 from kilnlm.kernels.kv_quant import quantize_kv_ref, quantize_kv_triton
-from kilnlm.kernels.norm import rms_norm_ref
+from kilnlm.kernels.norm import gated_rms_norm_ref, gated_rms_norm_triton, rms_norm_ref
 from kilnlm.kernels.rope import apply_rotary_ref
+from kilnlm.kernels.selective_scan import selective_scan_ref, selective_scan_triton
+from kilnlm.kernels.ssd import ssd_scan_ref, ssd_scan_triton
 
-__all__ = ["apply_rotary", "attention", "decode_attention", "hadamard_rotate", "paged_attention", "quantize_kv", "int8_linear", "packed_matmul", "rms_norm", "silu_mul"]
+__all__ = ["apply_rotary", "attention", "decode_attention", "hadamard_rotate", "paged_attention", "quantize_kv", "int8_linear", "packed_matmul", "rms_norm", "silu_mul",
+           "causal_conv1d", "selective_scan", "ssd_scan", "gated_rms_norm"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -93,3 +99,35 @@ def int8_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> to
     from kilnlm.quant.llm_int8 import int8_linear_forward
 
     return int8_linear_forward(x, weight, bias)
+
+
+# --------------------------------------------------------------------------------------------- Mamba
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor | None,
+                  activation: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mamba's depthwise causal conv of x (B, T, C) after the rolling state (B, C, K-1): (y, new_state)."""
+    kernel = causal_conv1d_triton if x.is_cuda else causal_conv1d_ref
+    return kernel(x, weight, bias, state, activation)
+
+
+def selective_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                   D: torch.Tensor, z: torch.Tensor | None, dt_bias: torch.Tensor | None,
+                   state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mamba-1's selective scan over x (B, T, D) from state (B, D, N): (y, final_state); see kernels.selective_scan."""
+    kernel = selective_scan_triton if x.is_cuda else selective_scan_ref
+    return kernel(x, dt, A, B, C, D, z, dt_bias, state)
+
+
+def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor,
+             dt_bias: torch.Tensor | None, state: torch.Tensor | None,
+             dt_limit: tuple[float, float] = (0.0, math.inf)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mamba-2's chunked SSD scan over x (B, T, H, P) from state (B, H, P, N): (y, final_state); see kernels.ssd."""
+    kernel = ssd_scan_triton if x.is_cuda else ssd_scan_ref
+    return kernel(x, dt, A, B, C, D, dt_bias, state, dt_limit)
+
+
+def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int) -> torch.Tensor:
+    """Mamba-2's RMSNorm of x * silu(z), per group of group_size channels."""
+    kernel = gated_rms_norm_triton if x.is_cuda else gated_rms_norm_ref
+    return kernel(x, z, weight, eps, group_size)

@@ -1,4 +1,5 @@
 """RMSNorm: the Triton kernel (optionally fused with the residual add) beside the reference that defines its semantics.
+At the end, Mamba-2's gated, grouped RMSNorm in the same two forms.
 
 This file also holds the two helpers the other elementwise kernels share (`require_triton`, `round_to`).
 """
@@ -129,3 +130,74 @@ def rms_norm_triton(
     if residual is None:
         return out
     return out, h2.reshape(x.shape)
+
+
+# --------------------------------------------------------------------------------------------- gated RMSNorm
+
+
+def gated_rms_norm_ref(
+    x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int
+) -> torch.Tensor:
+    """Mamba-2's gated RMSNorm: g = x * silu(z), each group of `group_size` channels normalised by its own RMS.
+
+    x, z (..., H) with H a multiple of group_size; weight (H,). As mamba_ssm's RMSNormGated(norm_before_gate=False)
+    and transformers' MambaRMSNormGated: fp32 statistics, cast to x's dtype before the weight (as rms_norm_ref).
+    """
+    hidden = x.shape[-1]
+    g = x.float() * torch.nn.functional.silu(z.float())
+    groups = g.reshape(*g.shape[:-1], hidden // group_size, group_size)  # (..., H / group, group)
+    normed = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.reshape(g.shape).to(x.dtype)
+
+
+if _TRITON_IMPORT_ERROR is None:
+
+    @triton.jit
+    def _gated_rms_norm_kernel(
+        x_ptr, z_ptr, w_ptr, out_ptr, GROUP, stride_x, stride_z, stride_out, eps, BLOCK: tl.constexpr,
+    ):
+        # One program: one group of one row.
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < GROUP
+        cols = tl.program_id(1) * GROUP + offs
+        x_dtype: tl.constexpr = x_ptr.dtype.element_ty
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + row * stride_z + cols, mask=mask, other=0.0).to(tl.float32)
+        g = x * (z / (1.0 + tl.exp(-z)))  # fp32 throughout, as the reference
+        ms = tl.sum(g * g, axis=0) / GROUP
+        inv = 1.0 / tl.sqrt_rn(ms + eps)  # IEEE sqrt, as in _rms_norm_kernel
+        normed = round_to(g * inv, x_dtype)  # the reference casts to x's dtype before the weight
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        out_dtype: tl.constexpr = out_ptr.dtype.element_ty
+        tl.store(out_ptr + row * stride_out + cols, round_to(normed * w, out_dtype).to(out_dtype), mask=mask)
+
+
+def gated_rms_norm_triton(
+    x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int
+) -> torch.Tensor:
+    """gated_rms_norm_ref(x, z, weight, eps, group_size) by one Triton program per (row, group)."""
+    require_triton("gated_rms_norm_triton", x, z, weight)
+    hidden = x.shape[-1]
+    if z.shape != x.shape or z.device != x.device:
+        raise ValueError(f"gated_rms_norm_triton: z must match x {tuple(x.shape)}, got {tuple(z.shape)}")
+    if group_size <= 0 or hidden % group_size:
+        raise ValueError(f"gated_rms_norm_triton: {hidden} channels do not split into groups of {group_size}")
+    if x.dtype not in _FLOAT_DTYPES or z.dtype not in _FLOAT_DTYPES or weight.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"gated_rms_norm_triton: x, z and weight must be fp16, bf16 or fp32, "
+                         f"got {x.dtype}, {z.dtype} and {weight.dtype}")
+    if tuple(weight.shape) != (hidden,) or weight.device != x.device:
+        raise ValueError(f"gated_rms_norm_triton: weight must be ({hidden},) on {x.device}, "
+                         f"got {tuple(weight.shape)} on {weight.device}")
+    x2, z2 = x.reshape(-1, hidden), z.reshape(-1, hidden)  # (M, H); copied only without unit column stride
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    z2 = z2 if z2.stride(-1) == 1 else z2.contiguous()
+    weight = weight.contiguous()
+    out = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)  # (M, H)
+    if x2.shape[0] and hidden:
+        block = triton.next_power_of_2(group_size)
+        _gated_rms_norm_kernel[(x2.shape[0], hidden // group_size)](
+            x2, z2, weight, out, group_size, x2.stride(0), z2.stride(0), out.stride(0), float(eps),
+            BLOCK=block, num_warps=min(max(block // 256, 1), 16),
+        )
+    return out.reshape(x.shape)
