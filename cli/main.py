@@ -33,6 +33,7 @@ BENCH_EXAMPLE = """examples:
   kiln bench llama1b-q4_0.gguf --device cuda --json
   kiln bench --dry-run                               # the harness on a tiny model, on the CPU
   kiln bench --shape llama-8b --device cuda --ctx 32768 --cache-type-k q8_0 --cache-type-v q8_0
+  kiln bench --shape mamba-2.8b --device cuda --ctx 8192     # decode cost stays flat with context
 """
 INSPECT_EXAMPLE = """examples:
   kiln inspect llama1b-q8_0.gguf
@@ -104,15 +105,19 @@ def _load(args: argparse.Namespace, model: str | None):
     engine = Engine.load(path, device=args.device, dtype=args.dtype, context_length=args.ctx,
                          allow_pickle=args.allow_pickle, **_cache_kwargs(args))
     weights = sum(t.numel() * t.element_size() for t in [*engine.model.parameters(), *engine.model.buffers()])
-    kv = engine.cache.nbytes()  # allocated now, as llama.cpp does, so the figure is real
+    cache = engine.cache  # allocated now, as llama.cpp does, so the figure is real
+    state = cache.state_nbytes()
+    kv = cache.nbytes() - state
     where = f"{args.device}"
     if engine.model.embed_tokens.weight.is_cuda:
         import torch
 
         where += f", {torch.cuda.memory_allocated() / 2**20:.0f} MiB of GPU memory allocated"
     kv_types = "/".join(engine.kv_options[side] or "model dtype" for side in ("k_type", "v_type"))
-    _info(f"loaded {path} ({engine.config.architecture}, {weights / 2**20:.1f} MiB of weights, {kv / 2**20:.1f} MiB "
-          f"of KV cache ({kv_types}, {engine.context_length} tokens) on {where}) in {time.perf_counter() - started:.2f}s")
+    held = [f"{kv / 2**20:.1f} MiB of KV cache ({kv_types}, {engine.context_length} tokens)"] if kv or not state else []
+    held += [f"{state / 2**20:.1f} MiB of float32 recurrent state"] if state else []
+    _info(f"loaded {path} ({engine.config.architecture}, {weights / 2**20:.1f} MiB of weights, {', '.join(held)} "
+          f"on {where}) in {time.perf_counter() - started:.2f}s")
     return engine
 
 
@@ -295,8 +300,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from kilnlm.runtime import bench
     from kilnlm.runtime.engine import _device, resolve_dtype
 
-    if args.dry_run:  # the harness on a tiny model, anywhere, in seconds; the figures mean nothing
-        args.shape, args.prompt_tokens, args.new_tokens = "tiny", 32, 8
+    if args.dry_run:  # the harness on a tiny model of the same family, anywhere, in seconds; figures mean nothing
+        args.shape = "tiny-mamba" if args.shape.startswith("mamba") else "tiny"
+        args.prompt_tokens, args.new_tokens = 32, 8
     elif args.ctx is not None:  # decode at that context: the prompt fills it up to the decoded tokens
         if args.ctx <= args.new_tokens:
             raise KilnError(f"--ctx {args.ctx} leaves no room for a prompt before {args.new_tokens} new tokens")
@@ -318,7 +324,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
           f"weights  {result.weight_bytes / 2**20:10.1f} MiB read per token; copy bandwidth "
           f"{result.bandwidth_gb_per_s:.1f} GB/s -> roofline {result.roofline_tokens_per_s:.1f} tokens/s\n"
           f"decode is {100 * result.roofline_share:.1f}% of the roofline; peak memory {peak}\n"
-          f"KV cache {result.kv_bytes / 2**20:10.1f} MiB ({result.prompt_tokens + result.new_tokens} positions)")
+          f"cache    {result.kv_bytes / 2**20:10.1f} MiB after {result.prompt_tokens + result.new_tokens} positions "
+          f"({'recurrent state' if model.config.ssm is not None and not model.config.num_heads else 'keys and values'})")
     return 0
 
 
@@ -461,7 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = add("bench", cmd_bench, "Measure prefill and decode speed against the memory roofline.",
                 BENCH_EXAMPLE)
     bench.add_argument("model", nargs="?", default=None, help="HF folder or GGUF file (or use --shape)")
-    bench.add_argument("--shape", default="llama-1b", help="synthetic model when no MODEL: llama-1b, llama-8b, tiny")
+    bench.add_argument("--shape", default="llama-1b",
+                       help="synthetic model when no MODEL: llama-130m, llama-1b, llama-3b, llama-8b, mamba-130m, "
+                            "mamba-2.8b, mamba2-130m, mamba2-2.7b, tiny, tiny-mamba")
     bench.add_argument("--prompt-tokens", type=int, default=512,
                        help="prefill length (default: 512; with --ctx N: N minus --new-tokens, so decode runs at N)")
     bench.add_argument("--new-tokens", type=int, default=128, help="decode steps (default: 128)")

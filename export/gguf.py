@@ -25,11 +25,13 @@ from kilnlm.errors import CheckpointError, KilnError, UnsupportedModelError
 from kilnlm.export.gguf_file import GGUFFile
 from kilnlm.quant.formats import QuantizedTensor, WeightFormat, format_for_gguf_type, get_format
 from kilnlm.quant.rtn import RoundToNearest
-from kilnlm.runtime.config import ModelConfig, RopeScaling
+from kilnlm.runtime.config import ModelConfig, RopeScaling, SSMConfig
 from kilnlm.runtime.models import expected_shapes
 from kilnlm.runtime.rope import rope_frequencies
 
-GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # kilnlm -> llama.cpp
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2",  # kilnlm -> llama.cpp
+                      "mamba": "mamba", "mamba2": "mamba2", "granitehybrid": "granitehybrid"}
+QK_PERMUTED = ("llama", "granitehybrid")  # GGUF architectures whose q/k rows convert_hf_to_gguf permutes
 TARGET_TYPES = {  # --type -> (format of 2-D weights, GGUF general.file_type)
     "f32": ("f32", LlamaFileType.ALL_F32),
     "f16": ("f16", LlamaFileType.MOSTLY_F16),
@@ -41,11 +43,14 @@ TARGET_TYPES = {  # --type -> (format of 2-D weights, GGUF general.file_type)
 ROPE_FREQS = "rope_freqs.weight"
 PACKED_RUNTIME_FORMATS = ("q4_0", "q4_1", "q8_0")  # the formats kernels/dequant_matmul.py multiplies through  # llama.cpp's per-frequency divisors (Llama 3.1 rope scaling)
 
-# kilnlm (HF-style) parameter names <-> llama.cpp tensor names; {i} is the block index.
-_NAMES = {
+# kilnlm (HF-style) parameter names <-> llama.cpp tensor names, per GGUF architecture; {i} is the block index.
+_COMMON_NAMES = {
     "embed_tokens.weight": "token_embd.weight",
     "norm.weight": "output_norm.weight",
     "lm_head.weight": "output.weight",
+}
+_LLAMA_NAMES = {
+    **_COMMON_NAMES,
     "layers.{i}.input_layernorm.weight": "blk.{i}.attn_norm.weight",
     "layers.{i}.post_attention_layernorm.weight": "blk.{i}.ffn_norm.weight",
     "layers.{i}.self_attn.q_proj.weight": "blk.{i}.attn_q.weight",
@@ -59,8 +64,36 @@ _NAMES = {
     "layers.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
     "layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
 }
-_TO_GGUF = {re.compile("^" + re.escape(k).replace(r"\{i\}", r"(\d+)") + "$"): v for k, v in _NAMES.items()}
-_TO_KILN = {re.compile("^" + re.escape(v).replace(r"\{i\}", r"(\d+)") + "$"): k for k, v in _NAMES.items()}
+def _ssm_names(parent: str, version: int) -> dict[str, str]:
+    """llama.cpp's names for a Mamba mixer held in attribute `parent` of each block (A and D have no suffix)."""
+    names = {
+        "in_proj.weight": "ssm_in.weight", "in_proj.bias": "ssm_in.bias", "conv1d.weight": "ssm_conv1d.weight",
+        "conv1d.bias": "ssm_conv1d.bias", "A_log": "ssm_a", "D": "ssm_d", "out_proj.weight": "ssm_out.weight",
+        "out_proj.bias": "ssm_out.bias",
+    }
+    if version == 1:
+        names |= {"x_proj.weight": "ssm_x.weight", "dt_proj.weight": "ssm_dt.weight", "dt_proj.bias": "ssm_dt.bias"}
+    else:
+        names |= {"dt_bias": "ssm_dt.bias", "norm.weight": "ssm_norm.weight"}
+    return {f"layers.{{i}}.{parent}.{ours}": f"blk.{{i}}.{theirs}" for ours, theirs in names.items()}
+
+
+_MAMBA_BLOCK_NORM = {"layers.{i}.norm.weight": "blk.{i}.attn_norm.weight"}
+_NAMES = {
+    "llama": _LLAMA_NAMES,
+    "qwen2": _LLAMA_NAMES,
+    "mamba": {**_COMMON_NAMES, **_MAMBA_BLOCK_NORM, **_ssm_names("mixer", 1)},
+    "mamba2": {**_COMMON_NAMES, **_MAMBA_BLOCK_NORM, **_ssm_names("mixer", 2)},
+    "granitehybrid": {**_LLAMA_NAMES, **_ssm_names("mamba", 2)},
+}
+
+
+def _pattern(template: str) -> re.Pattern[str]:
+    return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(\d+)") + "$")
+
+
+_TO_GGUF = {arch: {_pattern(k): v for k, v in names.items()} for arch, names in _NAMES.items()}
+_TO_KILN = {arch: {_pattern(v): k for k, v in names.items()} for arch, names in _NAMES.items()}
 
 
 def _rename(name: str, table: dict[re.Pattern[str], str]) -> str | None:
@@ -71,17 +104,61 @@ def _rename(name: str, table: dict[re.Pattern[str], str]) -> str | None:
     return None
 
 
-def gguf_name(name: str) -> str:
-    """llama.cpp's tensor name for a kilnlm parameter name."""
-    renamed = _rename(name, _TO_GGUF)
+def gguf_name(name: str, arch: str = "llama") -> str:
+    """llama.cpp's tensor name for a kilnlm parameter name in a GGUF file of architecture `arch`."""
+    renamed = _rename(name, _TO_GGUF[arch])
     if renamed is None:
-        raise KeyError(f"no GGUF name for parameter {name!r}")
+        raise KeyError(f"no GGUF name for parameter {name!r} of architecture {arch!r}")
     return renamed
 
 
-def kiln_name(name: str) -> str | None:
+def kiln_name(name: str, arch: str = "llama") -> str | None:
     """kilnlm's parameter name for a llama.cpp tensor name (None for tensors kilnlm does not use)."""
-    return _rename(name, _TO_KILN)
+    return _rename(name, _TO_KILN[arch])
+
+
+# Mamba tensors that llama.cpp stores in another form than HF: A as -exp(A_log) (so readers of llama.cpp's
+# files must take the log, not apply exp again), the conv kernel squeezed to 2-D, and for Mamba-2 A and D as
+# (heads, 1) and the gated norm's weight as (groups, inner / groups). All of them are stored F32.
+_SSM_PARENTS = (".mixer.", ".mamba.")  # the attribute holding a block's Mamba mixer (Mamba files; hybrids)
+ALWAYS_F32 = ("conv1d.weight", "A_log")
+
+
+def _ssm_part(name: str) -> str | None:
+    """The mixer parameter a name refers to ('A_log', 'conv1d.weight', ...), or None outside Mamba mixers."""
+    for parent in _SSM_PARENTS:
+        if parent in name:
+            return name.split(parent, 1)[1]
+    return None
+
+
+def stored_shape(config: ModelConfig, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape (torch order) llama.cpp gives a kilnlm parameter of this shape."""
+    part = _ssm_part(name)
+    if part is None or config.ssm is None:
+        return shape
+    if part == "conv1d.weight":
+        return (shape[0], shape[2])
+    if config.ssm.version == 2 and part in ("A_log", "D"):
+        return (shape[0], 1)
+    if config.ssm.version == 2 and part == "norm.weight":
+        return (config.ssm.n_groups, shape[0] // config.ssm.n_groups)
+    return shape
+
+
+def to_stored(config: ModelConfig, name: str, values: torch.Tensor) -> torch.Tensor:
+    """A float parameter in llama.cpp's form (values and shape)."""
+    if _ssm_part(name) == "A_log":
+        values = -torch.exp(values.float())
+    return values.reshape(stored_shape(config, name, tuple(values.shape)))
+
+
+def from_stored(config: ModelConfig, name: str, values: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The inverse of to_stored: a tensor read from a GGUF file back in kilnlm's form of `shape`."""
+    values = values.reshape(shape)
+    if _ssm_part(name) == "A_log":
+        values = torch.log(-values)
+    return values
 
 
 def permute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -98,7 +175,7 @@ def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 def _qk_heads(config: ModelConfig, name: str) -> int | None:
     """Heads to (un)permute `name` by, or None: only the `llama` GGUF architecture permutes q and k."""
-    if GGUF_ARCHITECTURES[config.architecture] != "llama" or name.endswith("outlier_idx"):
+    if GGUF_ARCHITECTURES[config.architecture] not in QK_PERMUTED or name.endswith("outlier_idx"):
         return None  # qwen2 is not permuted; outlier indices number columns, not rows
     if ".self_attn.q_proj." in name:
         return config.num_heads
@@ -144,18 +221,86 @@ def _rope_from_gguf(meta: _Metadata, gguf_file: GGUFFile) -> RopeScaling:
     return RopeScaling(type="default" if kind == "none" else kind, **fields)
 
 
+def _ssm_from_gguf(meta: _Metadata, gguf_file: GGUFFile) -> SSMConfig:
+    """The Mamba mixer sizes of a `mamba` / `mamba2` file (llama.cpp's `{arch}.ssm.*` keys)."""
+    version = 1 if meta.arch == "mamba" else 2
+    return SSMConfig(
+        version=version,
+        inner_size=meta.get(Keys.SSM.INNER_SIZE, int, required=True),
+        state_size=meta.get(Keys.SSM.STATE_SIZE, int, required=True),
+        conv_kernel=meta.get(Keys.SSM.CONV_KERNEL, int, required=True),
+        time_step_rank=meta.get(Keys.SSM.TIME_STEP_RANK, int, required=True),
+        n_groups=meta.get(Keys.SSM.GROUP_COUNT, int, 1) if version == 2 else 1,
+        dt_b_c_rms=bool(meta.get(Keys.SSM.DT_B_C_RMS, bool, False)),
+        # llama.cpp normalises dt, B and C with the model's RMS eps (Falcon-Mamba's HF config says 1e-6).
+        mixer_rms_eps=meta.get(Keys.Attention.LAYERNORM_RMS_EPS, float, 1e-5),
+        conv_bias=any(name.endswith(".ssm_conv1d.bias") for name in gguf_file.tensors),
+        proj_bias=any(name.endswith(".ssm_in.bias") for name in gguf_file.tensors),
+    )
+
+
+def _granite_hybrid_from_gguf(meta: _Metadata, gguf_file: GGUFFile, vocab: int, hidden: int) -> ModelConfig:
+    """The ModelConfig of a `granitehybrid` file: layers with 0 KV heads are the Mamba-2 ones."""
+    heads = meta.get(Keys.Attention.HEAD_COUNT, int, required=True)
+    layers = meta.get(Keys.LLM.BLOCK_COUNT, int, required=True)
+    kv = gguf_file.metadata.get(Keys.Attention.HEAD_COUNT_KV.format(arch=meta.arch), heads)
+    kv_per_layer = list(kv) if isinstance(kv, (list, tuple)) else [kv] * layers
+    if len(kv_per_layer) != layers or not all(isinstance(k, int) for k in kv_per_layer):
+        raise CheckpointError(f"{meta.source}: {meta.arch}.attention.head_count_kv should be one count per layer")
+    attention_kv = {k for k in kv_per_layer if k}
+    if len(attention_kv) > 1:
+        raise UnsupportedModelError(f"{meta.source}: attention layers with different KV head counts are not supported")
+    if "blk.0.ffn_gate_exps.weight" in gguf_file.tensors:
+        raise UnsupportedModelError(f"{meta.source}: Granite hybrid with experts (MoE) is not supported yet")
+    try:
+        return ModelConfig(
+            architecture="granitehybrid", vocab_size=vocab, hidden_size=hidden,
+            intermediate_size=meta.get(Keys.LLM.FEED_FORWARD_LENGTH, int, required=True), num_layers=layers,
+            num_heads=heads, num_kv_heads=attention_kv.pop() if attention_kv else heads,
+            head_dim=meta.get(Keys.Attention.KEY_LENGTH, int) or hidden // heads,
+            max_position_embeddings=meta.get(Keys.LLM.CONTEXT_LENGTH, int, 4096),
+            rms_norm_eps=meta.get(Keys.Attention.LAYERNORM_RMS_EPS, float, 1e-5),
+            rope_theta=meta.get(Keys.Rope.FREQ_BASE, float, 10000.0), rope_scaling=_rope_from_gguf(meta, gguf_file),
+            attention_bias="blk.0.attn_q.bias" in gguf_file.tensors,
+            tie_word_embeddings="output.weight" not in gguf_file.tensors,
+            ssm=_ssm_from_gguf(meta, gguf_file),
+            layer_types=tuple("attention" if k else "mamba" for k in kv_per_layer),
+            use_rope=bool(meta.get(Keys.Rope.SCALING_FINETUNED, bool, False)),  # as llama.cpp decides it
+            attention_scale=meta.get(Keys.Attention.SCALE, float, 1.0),
+            embedding_multiplier=meta.get(Keys.LLM.EMBEDDING_SCALE, float, 1.0),
+            residual_multiplier=meta.get(Keys.LLM.RESIDUAL_SCALE, float, 1.0),
+            logits_scaling=meta.get(Keys.LLM.LOGIT_SCALE, float, 1.0),
+        )
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{meta.source}: inconsistent model metadata ({err})") from None
+
+
 def config_from_gguf(gguf_file: GGUFFile) -> ModelConfig:
-    """Build the ModelConfig of a llama/qwen2 GGUF file from its metadata (and tensor directory)."""
+    """Build the ModelConfig of a llama / qwen2 / mamba / mamba2 GGUF file from its metadata (and tensor directory)."""
     source = str(gguf_file.path)
     arch = gguf_file.metadata.get(Keys.General.ARCHITECTURE)
-    if arch not in ("llama", "qwen2"):
-        raise UnsupportedModelError(f"{source}: GGUF architecture {arch!r} is not supported; supported: llama, qwen2")
+    if arch not in _NAMES:
+        raise UnsupportedModelError(
+            f"{source}: GGUF architecture {arch!r} is not supported; supported: {', '.join(_NAMES)}")
     meta = _Metadata(gguf_file.metadata, arch, source)
-    heads = meta.get(Keys.Attention.HEAD_COUNT, int, required=True)
     hidden = meta.get(Keys.LLM.EMBEDDING_LENGTH, int, required=True)
     if "token_embd.weight" not in gguf_file.tensors:
         raise CheckpointError(f"{source}: tensor 'token_embd.weight' is missing")
     vocab = meta.get(Keys.LLM.VOCAB_SIZE, int) or gguf_file.tensors["token_embd.weight"].shape[0]
+    if arch in ("mamba", "mamba2"):
+        try:
+            return ModelConfig(
+                architecture=arch, vocab_size=vocab, hidden_size=hidden, intermediate_size=0,
+                num_layers=meta.get(Keys.LLM.BLOCK_COUNT, int, required=True), num_heads=0, num_kv_heads=0,
+                head_dim=0, max_position_embeddings=meta.get(Keys.LLM.CONTEXT_LENGTH, int, 1 << 20),
+                rms_norm_eps=meta.get(Keys.Attention.LAYERNORM_RMS_EPS, float, 1e-5),
+                tie_word_embeddings="output.weight" not in gguf_file.tensors, ssm=_ssm_from_gguf(meta, gguf_file),
+            )
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{source}: inconsistent model metadata ({err})") from None
+    if arch == "granitehybrid":
+        return _granite_hybrid_from_gguf(meta, gguf_file, vocab, hidden)
+    heads = meta.get(Keys.Attention.HEAD_COUNT, int, required=True)
     window = meta.get(Keys.Attention.SLIDING_WINDOW, int)
     try:
         return ModelConfig(
@@ -186,14 +331,16 @@ class GGUFCheckpoint:
         self.file = GGUFFile(path)
         self.path = self.file.path
         self.config = config_from_gguf(self.file)
-        self._names = {kiln: g for g in self.file.tensors if (kiln := kiln_name(g)) is not None}
-        expected = expected_shapes(self.config)
-        for name, shape in expected.items():
-            info = self.file.tensors.get(self._names.get(name, gguf_name(name)))
+        self.arch = GGUF_ARCHITECTURES[self.config.architecture]
+        self._names = {kiln: g for g in self.file.tensors if (kiln := kiln_name(g, self.arch)) is not None}
+        self._shapes = expected_shapes(self.config)
+        for name, shape in self._shapes.items():
+            info = self.file.tensors.get(self._names.get(name, gguf_name(name, self.arch)))
             if info is None:
-                raise CheckpointError(f"{self.path}: tensor {gguf_name(name)!r} is missing")
-            if info.shape != shape:
-                raise CheckpointError(f"{self.path}: tensor {info.name!r} has shape {info.shape}, expected {shape}")
+                raise CheckpointError(f"{self.path}: tensor {gguf_name(name, self.arch)!r} is missing")
+            stored = stored_shape(self.config, name, shape)
+            if info.shape != stored:
+                raise CheckpointError(f"{self.path}: tensor {info.name!r} has shape {info.shape}, expected {stored}")
 
     def tensor_names(self) -> list[str]:
         """kilnlm names of the model's tensors, in file order."""
@@ -240,6 +387,8 @@ class GGUFCheckpoint:
         """A stored tensor as float32 (integers exactly), rows back in HF order for q/k."""
         info = self.file.tensors[gguf_tensor]
         weight = format_for_gguf_type(info.ggml_type).dequantize(self.file.raw(gguf_tensor), info.shape)
+        if self._names.get(name) == gguf_tensor:  # the parameter itself, not one of its LLM.int8 side tensors
+            weight = from_stored(self.config, name, weight, self._shapes[name])
         heads = _qk_heads(self.config, name)
         return unpermute_qk(weight, heads) if heads else weight
 
@@ -321,13 +470,13 @@ class ExportSummary:
 def choose_format(name: str, shape: tuple[int, ...], target: str, tied: bool) -> WeightFormat:
     """The storage format of one tensor for a target type, following llama.cpp's rules.
 
-    1-D tensors (norms, biases) stay F32. The output projection (or the tied embedding, which doubles as
+    1-D tensors (norms, biases) and Mamba's conv kernel and A stay F32. The output projection (or the tied embedding, which doubles as
     it) is the most quantization-sensitive matrix: llama.cpp gives it Q6_K for 4-bit targets; kilnlm
     does not produce K-quants, so it uses Q8_0, which is llama.cpp's own choice when Q6_K cannot apply.
     Rows whose length is not a multiple of the block size fall back to F16, as convert_hf_to_gguf does.
     """
     base = get_format(TARGET_TYPES[target][0])
-    if len(shape) == 1:
+    if len(shape) == 1 or _ssm_part(name) in ALWAYS_F32:
         return get_format("f32")
     is_output = name == "lm_head.weight" or (tied and name == "embed_tokens.weight")
     if is_output and target in ("q4_0", "q4_1"):
@@ -352,19 +501,49 @@ def _add_model_metadata(writer: gguf.GGUFWriter, config: ModelConfig, name: str,
     writer.add_block_count(config.num_layers)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_heads)
-    writer.add_head_count_kv(config.num_kv_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(int(file_type))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if config.ssm is not None:
+        _add_ssm_metadata(writer, config.ssm)
+    if config.num_heads:
+        _add_attention_metadata(writer, config)
+
+
+def _add_ssm_metadata(writer: gguf.GGUFWriter, ssm: SSMConfig) -> None:
+    # As convert_hf_to_gguf writes them; Mamba-2's time_step_rank is its head count.
+    writer.add_ssm_conv_kernel(ssm.conv_kernel)
+    writer.add_ssm_inner_size(ssm.inner_size)
+    writer.add_ssm_state_size(ssm.state_size)
+    writer.add_ssm_time_step_rank(ssm.time_step_rank)
+    if ssm.version == 2:
+        writer.add_ssm_group_count(ssm.n_groups)
+    if ssm.dt_b_c_rms:
+        writer.add_ssm_dt_b_c_rms(True)
+
+
+def _add_attention_metadata(writer: gguf.GGUFWriter, config: ModelConfig) -> None:
+    kinds = config.layer_kinds()
+    if "mamba" in kinds:  # a hybrid: llama.cpp takes the layers with 0 KV heads for recurrent ones
+        writer.add_head_count_kv([config.num_kv_heads if kind == "attention" else 0 for kind in kinds])
+        writer.add_rope_scaling_finetuned(config.use_rope)  # llama.cpp's granitehybrid applies RoPE only if set
+        writer.add_expert_shared_feed_forward_length(config.intermediate_size)
+    else:
+        writer.add_head_count_kv(config.num_kv_heads)
+    if config.attention_scale is not None:  # Granite's multipliers, all four as convert_hf_to_gguf writes them
+        writer.add_attention_scale(config.attention_scale)
+        writer.add_embedding_scale(config.embedding_multiplier)
+        writer.add_residual_scale(config.residual_multiplier)
+        writer.add_logit_scale(config.logits_scaling)
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_rope_dimension_count(config.head_dim)
     if config.head_dim != config.hidden_size // config.num_heads:
         writer.add_key_length(config.head_dim)
         writer.add_value_length(config.head_dim)
-    writer.add_vocab_size(config.vocab_size)
     _add_rope_scaling(writer, config.rope_scaling)
     if config.sliding_window and not config.sliding_window_layers:
         writer.add_sliding_window(config.sliding_window)
-    writer.add_file_type(int(file_type))
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
 def _add_rope_scaling(writer: gguf.GGUFWriter, scaling: RopeScaling) -> None:
@@ -418,7 +597,8 @@ def plan_tensors(checkpoint: Checkpoint, target: str) -> list[PlannedTensor]:
     missing = sorted(set(shapes) - set(checkpoint.tensor_names()))
     if missing:
         raise CheckpointError(f"cannot export: the source lacks tensors {', '.join(missing[:5])}")
-    return [PlannedTensor(n, gguf_name(n), s, choose_format(n, s, target, config.tie_word_embeddings))
+    arch = GGUF_ARCHITECTURES[config.architecture]
+    return [PlannedTensor(n, gguf_name(n, arch), s, choose_format(n, s, target, config.tie_word_embeddings))
             for n, s in shapes.items()]
 
 
@@ -426,6 +606,10 @@ def _gguf_layout(planned: PlannedTensor, packed: QuantizedTensor, config: ModelC
     if packed.format is not planned.format or packed.shape != planned.shape:
         raise RuntimeError(f"{planned.name}: the quantizer returned {packed.format.name} {packed.shape}, "
                            f"planned {planned.format.name} {planned.shape}")
+    if _ssm_part(planned.name) in ALWAYS_F32 or stored_shape(config, planned.name, planned.shape) != planned.shape:
+        # Stored in llama.cpp's own form (F32, see to_stored): convert the float values, then pack them again.
+        stored = to_stored(config, planned.name, packed.format.dequantize(packed.data, packed.shape))
+        return planned.format.quantize(stored).numpy()
     heads = _qk_heads(config, planned.name)
     if not heads:
         return packed.data.numpy()
@@ -468,7 +652,7 @@ def write_gguf(
         if rope_factors is not None:
             writer.add_tensor_info(ROPE_FREQS, rope_factors.shape, np.float32, rope_factors.numel() * 4)
         for p in plan:
-            packed_shape = p.format.packed_shape(p.shape)
+            packed_shape = p.format.packed_shape(stored_shape(config, p.name, p.shape))
             writer.add_tensor_info(p.gguf_name, packed_shape, np.uint8, int(np.prod(packed_shape)), p.format.gguf_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

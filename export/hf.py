@@ -8,6 +8,7 @@ allows them, and even then are read with `torch.load(weights_only=True)`.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +17,18 @@ from typing import Any
 import torch
 
 from kilnlm.errors import CheckpointError, PickleRefusedError, UnsupportedModelError
-from kilnlm.runtime.config import ModelConfig, RopeScaling
+from kilnlm.runtime.config import ModelConfig, RopeScaling, SSMConfig
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "MambaForCausalLM": "mamba",
+    "FalconMambaForCausalLM": "mamba",  # Mamba-1 with RMS-normed dt, B and C (see _mamba_config)
+    "Mamba2ForCausalLM": "mamba2",
+    "GraniteMoeHybridForCausalLM": "granitehybrid",  # Granite-4.0-H, dense variants (see _granite_hybrid_config)
 }
+MAMBA_CONTEXT = 1 << 20  # Mamba has no position limit; llama.cpp's converter records this as the context length
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ROPE_FIELDS = {
     "factor": float,
@@ -100,9 +106,120 @@ def _sliding_window(raw: dict[str, Any], arch: str, num_layers: int) -> tuple[in
     return int(window), ()
 
 
+def _json_float(value: Any) -> float:
+    """A float from config.json, including the {"__float__": "Infinity"} that transformers >= 5 writes for inf."""
+    return float(value["__float__"] if isinstance(value, dict) else value)
+
+
+def _mamba_config(raw: dict[str, Any], arch: str, source: str) -> ModelConfig:
+    """The ModelConfig of a transformers Mamba / Falcon-Mamba / Mamba-2 config.json."""
+    hidden = int(_require(raw, "hidden_size", source))
+    inner = int(raw.get("intermediate_size") or int(raw.get("expand", 2) * hidden))
+    if arch == "mamba":
+        rank = raw.get("time_step_rank", "auto")
+        ssm = SSMConfig(
+            version=1, inner_size=inner, state_size=int(raw.get("state_size", 16)),
+            conv_kernel=int(raw.get("conv_kernel", 4)),
+            time_step_rank=math.ceil(hidden / 16) if rank == "auto" else int(rank),
+            dt_b_c_rms=raw.get("model_type") == "falcon_mamba" or "FalconMambaForCausalLM" in raw.get("architectures", []),
+            mixer_rms_eps=float(raw.get("mixer_rms_eps", 1e-6)),
+            conv_bias=bool(raw.get("use_conv_bias", True)), proj_bias=bool(raw.get("use_bias", False)),
+        )
+    else:
+        inner = int(raw.get("expand", 2) * hidden)  # transformers' Mamba2Mixer ignores intermediate_size
+        heads = int(_require(raw, "num_heads", source))
+        if heads * int(raw.get("head_dim", 64)) != inner:
+            raise CheckpointError(f"{source}: num_heads x head_dim ({heads} x {raw.get('head_dim', 64)}) must equal "
+                                  f"expand x hidden_size ({inner})")
+        limit = raw.get("time_step_limit") or (0.0, math.inf)
+        ssm = SSMConfig(
+            version=2, inner_size=inner, state_size=int(raw.get("state_size", 128)),
+            conv_kernel=int(raw.get("conv_kernel", 4)), time_step_rank=heads, n_groups=int(raw.get("n_groups", 1)),
+            conv_bias=bool(raw.get("use_conv_bias", True)), proj_bias=bool(raw.get("use_bias", False)),
+            time_step_limit=(_json_float(limit[0]), _json_float(limit[1])), chunk_size=int(raw.get("chunk_size", 256)),
+        )
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=int(_require(raw, "vocab_size", source)),
+        hidden_size=hidden,
+        intermediate_size=0,
+        num_layers=int(_require(raw, "num_hidden_layers", source)),
+        num_heads=0,
+        num_kv_heads=0,
+        head_dim=0,
+        max_position_embeddings=MAMBA_CONTEXT,
+        rms_norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", arch == "mamba")),
+        ssm=ssm,
+    )
+
+
+_LAYER_KINDS = {"attention": "attention", "full_attention": "attention", "mamba": "mamba",
+                "linear_attention": "mamba"}  # what transformers' and the checkpoints' layer_types say
+
+
+def _granite_hybrid_config(raw: dict[str, Any], arch: str, source: str) -> ModelConfig:
+    """The ModelConfig of a GraniteMoeHybridForCausalLM config.json (Granite-4.0-H), dense variants only."""
+    if raw.get("num_local_experts"):
+        raise UnsupportedModelError(f"{source}: Granite hybrid with {raw['num_local_experts']} experts (MoE) is not "
+                                    "supported yet; dense variants (num_local_experts 0) are")
+    hidden = int(_require(raw, "hidden_size", source))
+    heads = int(_require(raw, "num_attention_heads", source))
+    layers = int(_require(raw, "num_hidden_layers", source))
+    kinds = raw.get("layer_types") or raw.get("layers_block_type") or ["mamba"] * layers
+    if any(kind not in _LAYER_KINDS for kind in kinds):
+        raise UnsupportedModelError(f"{source}: layer types {sorted(set(kinds) - set(_LAYER_KINDS))} are not supported")
+    inner = int(raw.get("mamba_expand", 2) * hidden)
+    mamba_heads = int(raw.get("mamba_n_heads", 128))
+    d_head = raw.get("mamba_d_head", "auto")
+    if d_head != "auto" and int(d_head) * mamba_heads != inner:
+        raise CheckpointError(f"{source}: mamba_n_heads x mamba_d_head ({mamba_heads} x {d_head}) must equal "
+                              f"mamba_expand x hidden_size ({inner})")
+    limit = raw.get("time_step_limit") or (0.0, math.inf)
+    theta, scaling = _rope_scaling(raw, source)
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=int(_require(raw, "vocab_size", source)),
+        hidden_size=hidden,
+        intermediate_size=int(_require(raw, "shared_intermediate_size", source)),
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+        head_dim=hidden // heads,
+        max_position_embeddings=int(raw.get("max_position_embeddings") or 2048),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        attention_bias=bool(raw.get("attention_bias", False)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        ssm=SSMConfig(
+            version=2, inner_size=inner, state_size=int(raw.get("mamba_d_state", 256)),
+            conv_kernel=int(raw.get("mamba_d_conv", 4)), time_step_rank=mamba_heads,
+            n_groups=int(raw.get("mamba_n_groups", 1)), conv_bias=bool(raw.get("mamba_conv_bias", True)),
+            proj_bias=bool(raw.get("mamba_proj_bias", False)),
+            time_step_limit=(_json_float(limit[0]), _json_float(limit[1])),
+            chunk_size=int(raw.get("mamba_chunk_size", 256)),
+        ),
+        layer_types=tuple(_LAYER_KINDS[kind] for kind in kinds),
+        use_rope=raw.get("position_embedding_type") == "rope",
+        attention_scale=float(raw.get("attention_multiplier", 1.0)),
+        embedding_multiplier=float(raw.get("embedding_multiplier", 1.0)),
+        residual_multiplier=float(raw.get("residual_multiplier", 1.0)),
+        logits_scaling=float(raw.get("logits_scaling", 1.0)),
+    )
+
+
+_SSM_FAMILIES = {"mamba": _mamba_config, "mamba2": _mamba_config, "granitehybrid": _granite_hybrid_config}
+
+
 def parse_hf_config(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
     """Build a ModelConfig from the contents of a Hugging Face config.json."""
     arch = _architecture(raw, source)
+    if arch in _SSM_FAMILIES:
+        try:
+            return _SSM_FAMILIES[arch](raw, arch, source)
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{source}: inconsistent model config ({err})") from None
     if arch == "llama" and (raw.get("attention_bias") or raw.get("mlp_bias")):
         raise UnsupportedModelError(f"{source}: Llama checkpoints with attention_bias or mlp_bias are not supported")
     hidden = int(_require(raw, "hidden_size", source))
@@ -133,9 +250,31 @@ def parse_hf_config(raw: dict[str, Any], source: str = "config.json") -> ModelCo
         raise CheckpointError(f"{source}: inconsistent model config ({err})") from None
 
 
+# HF names whose kilnlm name is not just the HF name without its "model." / "backbone." prefix: Mamba's
+# embedding and final norm take the names every family uses.
+_RENAMED = {"backbone.embeddings.weight": "embed_tokens.weight", "backbone.embedding.weight": "embed_tokens.weight",
+            "backbone.norm_f.weight": "norm.weight"}
+
+
+# HF tensors that hold several kilnlm parameters stacked along rows (chunk i of n): Granite's fused MLP input,
+# which kilnlm (like llama.cpp) keeps as separate gate and up projections.
+_FUSED = {"shared_mlp.input_linear.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+          "shared_mlp.output_linear.weight": ("mlp.down_proj.weight",)}
+
+
 def internal_name(hf_name: str) -> str:
     """kilnlm's parameter name for an HF tensor name (the one place this mapping lives)."""
-    return hf_name.removeprefix("model.")
+    return _RENAMED.get(hf_name) or hf_name.removeprefix("model.").removeprefix("backbone.")
+
+
+def internal_parts(hf_name: str) -> list[tuple[str, int, int]]:
+    """(kilnlm name, chunk, chunks) for each kilnlm parameter an HF tensor holds (chunk i of n along dim 0)."""
+    name = internal_name(hf_name)
+    for fused, parts in _FUSED.items():
+        if name.endswith("." + fused):
+            base = name.removesuffix(fused)
+            return [(base + part, i, len(parts)) for i, part in enumerate(parts)]
+    return [(name, 0, 1)]
 
 
 @dataclass
@@ -146,7 +285,7 @@ class HFCheckpoint:
     config: ModelConfig
     weight_files: list[Path]
     is_pickle: bool
-    _index: dict[str, tuple[Path, str]] | None = field(default=None, repr=False)
+    _index: dict[str, tuple[Path, str, int, int]] | None = field(default=None, repr=False)
     _pickles: dict[Path, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def tensor_names(self) -> list[str]:
@@ -159,11 +298,13 @@ class HFCheckpoint:
 
     def tensor(self, name: str) -> torch.Tensor:
         """One parameter by kilnlm name."""
-        path, key = self._locate()[name]
+        path, key, chunk, chunks = self._locate()[name]
         if self.is_pickle:
             tensor = self._pickle(path)[key]
         else:
             tensor = _read_safetensor(path, key)
+        if chunks > 1:
+            tensor = tensor.chunk(chunks)[chunk].contiguous()
         if tensor.dtype not in FLOAT_DTYPES:
             raise UnsupportedModelError(
                 f"{path}: tensor {key!r} has dtype {tensor.dtype}; only float32, float16 and bfloat16 "
@@ -182,9 +323,9 @@ class HFCheckpoint:
 
         return Tokenizer.from_hf_folder(self.folder)
 
-    def _locate(self) -> dict[str, tuple[Path, str]]:
-        """kilnlm name -> (file, key in the file), for the parameters the model needs (tied lm_head copies,
-        rotary inv_freq buffers and the like are left out)."""
+    def _locate(self) -> dict[str, tuple[Path, str, int, int]]:
+        """kilnlm name -> (file, key in the file, chunk, chunks), for the parameters the model needs (tied lm_head
+        copies, rotary inv_freq buffers and the like are left out)."""
         if self._index is None:
             from kilnlm.runtime.models import expected_shapes
 
@@ -192,7 +333,8 @@ class HFCheckpoint:
             self._index = {}
             for path in self.weight_files:
                 keys = list(self._pickle(path)) if self.is_pickle else _safetensors_keys(path)
-                self._index.update({internal_name(k): (path, k) for k in keys if internal_name(k) in wanted})
+                self._index.update({name: (path, key, chunk, chunks) for key in keys
+                                    for name, chunk, chunks in internal_parts(key) if name in wanted})
         return self._index
 
     def _pickle(self, path: Path) -> dict[str, torch.Tensor]:

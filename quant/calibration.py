@@ -18,16 +18,7 @@ from torch import nn
 
 from kilnlm.errors import KilnError
 from kilnlm.runtime.config import ModelConfig
-from kilnlm.runtime.models.llama import DecoderLayer
-from kilnlm.runtime.rope import RotaryEmbedding
-
-# Linear layers that see the same input share one set of statistics (one Hessian for q, k and v).
-LINEAR_GROUPS = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
+from kilnlm.runtime.models import model_class
 
 
 class CalibrationError(KilnError):
@@ -94,13 +85,15 @@ class LayerRunner:
         self.hidden = F.embedding(ids.to(self.device), embedding)  # (nsamples, seqlen, H)
         # The same samples through the float model, for methods that aim at its outputs (GPTQ's float targets).
         self.float_hidden = self.hidden.clone() if float_stream else None
-        cos, sin = RotaryEmbedding(self.config).to(self.device)(0, ids.shape[1])
-        self.cos, self.sin = cos, sin
+        self.family = model_class(self.config)
+        # What the family's blocks take besides the hidden states (RoPE tables for attention, nothing for Mamba).
+        self.context = self.family.block_context(self.config, 0, ids.shape[1], self.device)
 
-    def layer(self, index: int) -> DecoderLayer:
-        """Decoder block `index` with its float32 weights from the checkpoint."""
+    def layer(self, index: int) -> nn.Module:
+        """Block `index` with its float32 weights from the checkpoint; its `linear_groups` name the linears
+        that share an input (quantization methods solve each group from one set of statistics)."""
         with torch.device("meta"):
-            layer = DecoderLayer(self.config, index)
+            layer = self.family.make_block(self.config, index)
         for name, _ in list(layer.named_parameters()):
             tensor = self.checkpoint.tensor(f"layers.{index}.{name}").to(self.device, torch.float32)
             owner, _, attr = name.rpartition(".")
@@ -108,23 +101,23 @@ class LayerRunner:
         return layer
 
     @torch.no_grad()
-    def observe(self, layer: DecoderLayer, module_name: str, callback: Callable[[torch.Tensor], None]) -> None:
+    def observe(self, layer: nn.Module, module_name: str, callback: Callable[[torch.Tensor], None]) -> None:
         """Run the block over all samples and call `callback` with every batch of inputs of `module_name`."""
         for batch in self.hidden.split(self.batch_size):
-            callback(_inputs_of(layer, module_name, batch, self.cos, self.sin))
+            callback(_inputs_of(layer, module_name, batch, self.context))
 
     @torch.no_grad()
-    def observe_with_float(self, layer: DecoderLayer, float_layer: DecoderLayer, module_name: str,
+    def observe_with_float(self, layer: nn.Module, float_layer: nn.Module, module_name: str,
                            callback: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
         """Like `observe`, with each batch's inputs of `module_name` in the float model passed alongside."""
         if self.float_hidden is None:
             raise CalibrationError("internal error: observe_with_float needs LayerRunner(float_stream=True)")
         for batch, float_batch in zip(self.hidden.split(self.batch_size), self.float_hidden.split(self.batch_size)):
-            callback(_inputs_of(layer, module_name, batch, self.cos, self.sin),
-                     _inputs_of(float_layer, module_name, float_batch, self.cos, self.sin))
+            callback(_inputs_of(layer, module_name, batch, self.context),
+                     _inputs_of(float_layer, module_name, float_batch, self.context))
 
     @torch.no_grad()
-    def advance(self, layer: DecoderLayer, float_layer: DecoderLayer | None = None) -> None:
+    def advance(self, layer: nn.Module, float_layer: nn.Module | None = None) -> None:
         """Replace the activations by the block's outputs (computed with whatever weights it now holds).
 
         With a float stream, `float_layer` (the block with its checkpoint weights) advances that stream too.
@@ -135,8 +128,8 @@ class LayerRunner:
                 raise CalibrationError("internal error: a LayerRunner with a float stream needs the float block")
             self.float_hidden = self._run(float_layer, self.float_hidden)
 
-    def _run(self, layer: DecoderLayer, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.cat([layer(batch, self.cos, self.sin, None) for batch in hidden.split(self.batch_size)])
+    def _run(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.cat([layer(batch, self.context, None).float() for batch in hidden.split(self.batch_size)])
 
 
 class _ModuleReached(Exception):
@@ -151,16 +144,16 @@ def _raise_inputs(_module: nn.Module, args: tuple) -> None:
     raise _ModuleReached(args[0])
 
 
-def _inputs_of(layer: DecoderLayer, module_name: str, hidden: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor) -> torch.Tensor:
+def _inputs_of(layer: nn.Module, module_name: str, hidden: torch.Tensor, context) -> torch.Tensor:
     """The input `module_name` receives when `layer` runs on `hidden`, computing only what precedes it.
 
     The forward stops as the module is reached: q/k/v need only the first norm, so the statistics of a
-    block's four linear groups cost about two block forwards instead of four.
+    block's four linear groups cost about two block forwards instead of four. `context` is what the family's
+    blocks take besides the hidden states (see runtime.models).
     """
     handle = layer.get_submodule(module_name).register_forward_pre_hook(_raise_inputs)
     try:
-        layer(hidden, cos, sin, None)
+        layer(hidden, context, None)
     except _ModuleReached as reached:
         return reached.inputs
     finally:

@@ -618,8 +618,6 @@ class GPTQQuantizer:
                 checkpoint.tensor(planned.name), planned.format)
 
     def _solve_layer(self, runner, index: int, plan: list) -> dict[str, QuantizedTensor]:
-        from kilnlm.quant.calibration import LINEAR_GROUPS
-
         formats = {p.name: p.format for p in plan}
         layer = runner.layer(index)
         # A copy taken before any weight is replaced, rather than reading the block from the checkpoint again.
@@ -628,7 +626,7 @@ class GPTQQuantizer:
         # storing W* costs nothing and absorbs the error of the quantized layers before them.
         solvable = GPTQ_FORMATS + (FLOAT_FORMATS if float_layer is not None else ())
         solved: dict[str, QuantizedTensor] = {}
-        for group in LINEAR_GROUPS:
+        for group in layer.linear_groups:
             names = [m for m in group if formats[f"layers.{index}.{m}.weight"].name in solvable]
             if not names:
                 continue

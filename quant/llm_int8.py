@@ -404,12 +404,12 @@ class LLMInt8Quantizer:
             yield p, QuantizedTensor.from_float(values, p.format)
 
     def _calibrate(self, checkpoint) -> None:
-        from kilnlm.quant.calibration import LINEAR_GROUPS, LayerRunner
+        from kilnlm.quant.calibration import LayerRunner
 
         runner = LayerRunner(checkpoint, self.ids, device=self.device)
         for index in range(checkpoint.config.num_layers):
             layer = runner.layer(index)
-            for group in LINEAR_GROUPS:
+            for group in layer.linear_groups:
                 tracker = OutlierTracker(layer.get_submodule(group[0]).in_features, device=runner.device)
                 runner.observe(layer, group[0], tracker.add_batch)
                 for module_name in group:

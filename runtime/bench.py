@@ -13,16 +13,35 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from kilnlm.runtime.config import ModelConfig
+from kilnlm.runtime.config import ModelConfig, SSMConfig
 
-SHAPES = {  # Llama 3.2 1B and Llama 3.1 8B sizes (random weights: no download)
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32, num_kv_heads=8,
-                     head_dim=64, vocab_size=128256, tie_word_embeddings=True),
-    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
-                     head_dim=128, vocab_size=128256, tie_word_embeddings=False),
-    # A few-MB shape that runs anywhere in seconds: for --dry-run checks of the harness itself.
-    "tiny": dict(hidden_size=256, intermediate_size=704, num_layers=2, num_heads=4, num_kv_heads=2,
+_LLAMA = dict(architecture="llama", max_position_embeddings=4096, rope_theta=500000.0)
+_MAMBA = dict(intermediate_size=0, num_heads=0, num_kv_heads=0, head_dim=0, max_position_embeddings=1 << 20,
+              rms_norm_eps=1e-5, vocab_size=50280, tie_word_embeddings=True)
+SHAPES = {  # public checkpoints' sizes (random weights: no download)
+    "llama-1b": dict(_LLAMA, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32, num_kv_heads=8,
+                     head_dim=64, vocab_size=128256, tie_word_embeddings=True),  # Llama 3.2 1B
+    "llama-8b": dict(_LLAMA, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
+                     head_dim=128, vocab_size=128256, tie_word_embeddings=False),  # Llama 3.1 8B
+    "llama-3b": dict(_LLAMA, hidden_size=3072, intermediate_size=8192, num_layers=28, num_heads=24, num_kv_heads=8,
+                     head_dim=128, vocab_size=128256, tie_word_embeddings=True),  # Llama 3.2 3B
+    # A GPT-2-small-sized Llama (124M parameters, Mamba-130m's vocabulary): the transformer beside mamba-130m.
+    "llama-130m": dict(_LLAMA, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12,
+                       num_kv_heads=12, head_dim=64, vocab_size=50280, tie_word_embeddings=True),
+    # state-spaces/mamba-130m-hf, mamba-2.8b-hf, mamba2-130m and mamba2-2.7b
+    "mamba-130m": dict(_MAMBA, architecture="mamba", hidden_size=768, num_layers=24,
+                       ssm=SSMConfig(version=1, inner_size=1536, state_size=16, conv_kernel=4, time_step_rank=48)),
+    "mamba-2.8b": dict(_MAMBA, architecture="mamba", hidden_size=2560, num_layers=64,
+                       ssm=SSMConfig(version=1, inner_size=5120, state_size=16, conv_kernel=4, time_step_rank=160)),
+    "mamba2-130m": dict(_MAMBA, architecture="mamba2", hidden_size=768, num_layers=24,
+                        ssm=SSMConfig(version=2, inner_size=1536, state_size=128, conv_kernel=4, time_step_rank=24)),
+    "mamba2-2.7b": dict(_MAMBA, architecture="mamba2", hidden_size=2560, num_layers=64,
+                        ssm=SSMConfig(version=2, inner_size=5120, state_size=128, conv_kernel=4, time_step_rank=80)),
+    # Few-MB shapes that run anywhere in seconds: for --dry-run checks of the harness itself.
+    "tiny": dict(_LLAMA, hidden_size=256, intermediate_size=704, num_layers=2, num_heads=4, num_kv_heads=2,
                  head_dim=64, vocab_size=2048, tie_word_embeddings=True),
+    "tiny-mamba": dict(_MAMBA, architecture="mamba2", hidden_size=256, num_layers=2, vocab_size=2048,
+                       ssm=SSMConfig(version=2, inner_size=512, state_size=64, conv_kernel=4, time_step_rank=8)),
 }
 
 
@@ -38,7 +57,7 @@ class BenchResult:
     weight_bytes: int
     bandwidth_gb_per_s: float
     peak_memory_bytes: int | None
-    kv_bytes: int = 0  # the KV cache of prompt + new tokens
+    kv_bytes: int = 0  # the cache of prompt + new tokens: keys and values, or the recurrent state
 
     @property
     def roofline_tokens_per_s(self) -> float:
@@ -57,10 +76,10 @@ class BenchResult:
 
 
 def synthetic_config(shape: str) -> ModelConfig:
-    """A Llama ModelConfig of a named size."""
+    """The ModelConfig of a named size."""
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
-    return ModelConfig(architecture="llama", max_position_embeddings=4096, rope_theta=500000.0, **SHAPES[shape])
+    return ModelConfig(**SHAPES[shape])
 
 
 def synthetic_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:

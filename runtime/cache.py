@@ -1,11 +1,13 @@
-"""The cache interface every model uses, and the KV cache built from one store per layer.
+"""The cache interface every model uses, and the cache built from one store per layer.
 
-A model asks the cache for "the keys and values of this layer, with these new ones appended"; the cache
-decides the layout. The cache also remembers which token ids it holds, so that a new prompt sharing a
-prefix with the previous one (the next turn of a chat) only runs the tokens after that prefix.
+A model asks the cache for "the keys and values of this layer, with these new ones appended" (attention
+layers) or for "this layer's recurrent state" (Mamba layers); the cache decides the layout. The cache also
+remembers which token ids it holds, so that a new prompt sharing a prefix with the previous one (the next
+turn of a chat) only runs the tokens after that prefix.
 
-KVCache holds one LayerStore per layer (kv_stores.py), so a model can mix kinds: full layers next to
-sliding-window layers (Gemma-2/3 interleaving), each in f16/bf16/f32 or q8_0/q4_0 keys and values.
+LayerCache holds one store per layer, so a model can mix kinds: full attention layers next to
+sliding-window layers (Gemma-2/3 interleaving), each in f16/bf16/f32 or q8_0/q4_0 keys and values
+(kv_stores.py), and recurrent-state layers (state_cache.py) for Mamba and hybrid models.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import torch
 from kilnlm import kernels
 from kilnlm.errors import ContextLengthError
 from kilnlm.runtime.config import ModelConfig
-from kilnlm.runtime.kv_stores import FloatCodec, FullStore, LayerStore, WindowStore, kv_codec
+from kilnlm.runtime.kv_stores import CacheTypeError, FloatCodec, FullStore, LayerStore, WindowStore, kv_codec
+from kilnlm.runtime.state_cache import CheckpointRing, StateStore
 
 ROLLBACK_MARGIN = 32  # positions a sliding-window layer keeps beyond its window, so a chat can step back
 PREFILL_CHUNK = 512  # the most tokens one forward pass runs; bounds (chunk x context) scores and window buffers
@@ -49,6 +52,16 @@ class Cache(ABC):
         reads the packed blocks); this default attends over what update() returns.
         """
         return kernels.attention(q, *self.update(layer, keys, values), window=window)
+
+    def checkpoint(self) -> None:
+        """Remember the state at this point (after a prompt, after an answer) so a later prompt can resume here.
+
+        Only recurrent layers need it; keys and values can be cut back to any earlier position on their own.
+        """
+
+    def state_nbytes(self) -> int:
+        """Memory held by recurrent state (none here: a KV cache only)."""
+        return 0
 
     def commit(self, token_ids: Sequence[int]) -> None:
         """Record that every layer has stored the positions of `token_ids`; called once per forward pass."""
@@ -94,13 +107,20 @@ class Cache(ABC):
         self.truncate(0)
 
 
-class KVCache(Cache):
-    """Keys and values of every layer, each layer in its own store (full or sliding window, any KV type)."""
+class LayerCache(Cache):
+    """One store per layer: keys and values (full or sliding window, any KV type) or a recurrent state."""
 
-    def __init__(self, stores: Sequence[LayerStore], capacity: int):
+    def __init__(self, stores: Sequence[LayerStore | StateStore], capacity: int):
         super().__init__(capacity)
         self.stores = list(stores)
+        self.state_stores = [store for store in self.stores if isinstance(store, StateStore)]
+        self.kv_stores = [store for store in self.stores if not isinstance(store, StateStore)]
+        self.checkpoints = CheckpointRing()
         self._told_recompute = False
+
+    def state(self, layer: int) -> StateStore:
+        """The recurrent state of a Mamba layer (the layer reads it and writes the state after its tokens)."""
+        return self.stores[layer]
 
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store keys/values (B, Hkv, T, D) for positions length .. length+T-1; return the layer's visible ones.
@@ -116,21 +136,61 @@ class KVCache(Cache):
         return self.stores[layer].attend(self.length, q, keys, values, window)
 
     def resume_point(self, length: int) -> int:
-        """`length` if every store can continue from there, else 0 (recompute), said once on stderr."""
-        if all(store.resumable(length) for store in self.stores):
+        """`length` if every KV store can continue from there, else 0 (recompute), said once on stderr."""
+        if all(store.resumable(length) for store in self.kv_stores):
             return length
-        if not self._told_recompute:
-            print(f"kilnlm: the sliding-window cache no longer holds the positions before {length}; "
-                  "running the whole prompt again", file=sys.stderr)
-            self._told_recompute = True
+        self._say_recompute(f"the sliding-window cache no longer holds the positions before {length}")
         return 0
 
+    def checkpoint(self) -> None:
+        """Snapshot the recurrent layers' state after the tokens held now (a no-op without such layers)."""
+        if self.state_stores:
+            self.checkpoints.save(self.token_ids, self.state_stores)
+
+    def reuse_prefix(self, token_ids: Sequence[int]) -> int:
+        """Keep the longest cached prefix of `token_ids`; recurrent layers go back to their newest checkpoint
+        that `token_ids` starts with, since their state cannot be cut back to an arbitrary position."""
+        if not self.state_stores:
+            return super().reuse_prefix(token_ids)
+        limit = len(token_ids) - 1
+        shared = 0
+        while shared < min(self.length, limit) and self.token_ids[shared] == token_ids[shared]:
+            shared += 1
+        live = shared if shared == self.length else None  # the live state is where this prompt continues
+        # Attention layers hold this prompt's keys only up to `shared`; pure recurrent models have no such bound.
+        found = self.checkpoints.newest_prefix_of(token_ids, shared if self.kv_stores else limit)
+        if found is not None and len(found.tokens) > (live or 0) and self.resume_point(len(found.tokens)):
+            for store, snapshot in zip(self.state_stores, found.states, strict=True):
+                store.restore(snapshot)
+            self.token_ids = list(found.tokens)
+            return len(found.tokens)
+        if live is not None:
+            return live
+        self._say_recompute("no saved state of the recurrent layers is a prefix of this prompt")
+        self.reset()
+        return 0
+
+    def reset(self) -> None:
+        """Empty the cache (recurrent states back to zero; checkpoints stay for later prompts)."""
+        super().reset()
+        for store in self.state_stores:
+            store.clear()
+
+    def _say_recompute(self, why: str) -> None:
+        if not self._told_recompute:
+            print(f"kilnlm: {why}; running the whole prompt again", file=sys.stderr)
+            self._told_recompute = True
+
     def nbytes(self) -> int:
-        """Memory held by the stores."""
+        """Memory held by the stores (checkpoints of recurrent states not included: see checkpoints.nbytes)."""
         return sum(store.nbytes() for store in self.stores)
 
+    def state_nbytes(self) -> int:
+        """The part of nbytes() that is recurrent state (a constant: it does not grow with the context)."""
+        return sum(store.nbytes() for store in self.state_stores)
 
-class DenseKVCache(KVCache):
+
+class DenseKVCache(LayerCache):
     """Every layer's keys and values in preallocated (B, Hkv, capacity, D) buffers, as gpt-fast keeps them."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int, *, batch: int = 1,
@@ -143,22 +203,31 @@ class DenseKVCache(KVCache):
 
 def new_kv_cache(config: ModelConfig, capacity: int, *, batch: int = 1, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", k_type: str | None = None, v_type: str | None = None,
-                 rotate: bool = True, chunk: int = PREFILL_CHUNK) -> KVCache:
-    """The KV cache of a model: a sliding-window store for each windowed layer whose window (plus `chunk`, the
-    longest run of tokens per forward pass) is shorter than the context, a full store for every other layer.
+                 rotate: bool = True, chunk: int = PREFILL_CHUNK) -> LayerCache:
+    """The cache of a model, one store per layer: a float32 recurrent state for each Mamba layer, a sliding-window
+    KV store for each windowed attention layer whose window (plus `chunk`, the longest run of tokens per forward
+    pass) is shorter than the context, a full KV store for every other attention layer.
 
     k_type / v_type: None (the model's dtype), "f32", "f16", "bf16", "q8_0" or "q4_0"; `rotate` applies the
-    Hadamard rotation to quantized types.
+    Hadamard rotation to quantized types. A model without attention layers takes no KV type.
     """
-    head_dim = config.head_dim
-    k_codec = kv_codec(k_type, dtype, head_dim, rotate)
-    v_codec = kv_codec(v_type, dtype, head_dim, rotate)
-    shape = (k_codec, v_codec, batch, config.num_kv_heads, head_dim, dtype, device)
-    stores: list[LayerStore] = []
-    for layer in range(config.num_layers):
+    kinds = config.layer_kinds()
+    if "attention" not in kinds and (k_type or v_type):
+        raise CacheTypeError(f"{config.architecture} has no attention layers, so KV cache types do not apply; "
+                             "its cache is the float32 recurrent state")
+    stores: list[LayerStore | StateStore] = []
+    if "attention" in kinds:
+        head_dim = config.head_dim
+        k_codec = kv_codec(k_type, dtype, head_dim, rotate)
+        v_codec = kv_codec(v_type, dtype, head_dim, rotate)
+        shape = (k_codec, v_codec, batch, config.num_kv_heads, head_dim, dtype, device)
+    for layer, kind in enumerate(kinds):
         window = config.window_for_layer(layer)
-        if window is not None and window - 1 + ROLLBACK_MARGIN + chunk < capacity:
+        if kind == "mamba":
+            ssm = config.ssm
+            stores.append(StateStore(batch, ssm.conv_channels, ssm.conv_kernel, ssm.state_shape, device))
+        elif window is not None and window - 1 + ROLLBACK_MARGIN + chunk < capacity:
             stores.append(WindowStore(window, chunk, ROLLBACK_MARGIN, *shape))
         else:
             stores.append(FullStore(capacity, *shape))
-    return KVCache(stores, capacity)
+    return LayerCache(stores, capacity)

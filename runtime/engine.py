@@ -25,7 +25,7 @@ from kilnlm.runtime.cache import Cache
 from kilnlm.runtime.chat import ChatTemplate
 from kilnlm.runtime.config import ModelConfig
 from kilnlm.runtime.generate import GenerationParams, GenerationStats, Generator
-from kilnlm.runtime.models import build_model
+from kilnlm.runtime.models import build_model, model_class
 from kilnlm.runtime.sampling import SamplingParams
 from kilnlm.runtime.tokenizer import Tokenizer
 
@@ -102,8 +102,6 @@ class Engine:
         `kv_rotation` Hadamard-rotates quantized keys and values (on by default). `paged_kv` keeps the cache in
         16-position pages whose full pages are found again by the hash of their prefix (runtime.paged_cache).
         """
-        from kilnlm.runtime.kv_stores import kv_codec
-
         from kilnlm.export.checkpoint import open_checkpoint
 
         path = Path(path)
@@ -126,8 +124,8 @@ class Engine:
         if paged_kv:
             kv_options["paged"] = True
         model_dtype = resolve_dtype(dtype, device)
-        for side in ("k_type", "v_type"):  # refuse a bad cache type before the (slow) weights load
-            kv_codec(kv_options[side], model_dtype, config.head_dim)
+        with torch.device("meta"):  # refuse bad cache options before the (slow) weights load, allocating nothing
+            model_class(config)(config).new_cache(1, **kv_options)
         model = build_model(config, tensors, device=device, dtype=model_dtype, source=str(path))
         _use_int8_linears(model, checkpoint)
         return cls(model, tokenizer, context_length=_context_length(config, context_length), source=str(path),

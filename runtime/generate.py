@@ -114,6 +114,15 @@ class Generator:
         started = time.perf_counter()
         logits = self._prefill(list(prompt_ids))
         stats.prefill_seconds = time.perf_counter() - started
+        self.cache.checkpoint()  # the next turn's prompt starts with this one (recurrent layers resume here)
+        try:
+            yield from self._decode(logits, prompt_ids, params)
+        finally:
+            self.cache.checkpoint()  # ... or with this answer
+
+    def _decode(self, logits: torch.Tensor, prompt_ids: Sequence[int], params: GenerationParams) -> Iterator[str]:
+        """Sample from `logits`, run each token, and yield the text as it becomes safe to show."""
+        stats = self.stats
         sampler = Sampler(params.sampling, device=logits.device)
         penalise = params.sampling.repetition_penalty != 1.0
         history = torch.tensor(list(prompt_ids), dtype=torch.long, device=logits.device) if penalise else None

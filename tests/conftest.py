@@ -56,6 +56,40 @@ def make_hf_model(folder: Path, arch: str = "llama", dtype: torch.dtype = torch.
     return model.float()
 
 
+TINY_MAMBA = {
+    "mamba": dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, state_size=8, conv_kernel=4, expand=2,
+                  time_step_rank=8),
+    "falcon_mamba": dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, state_size=8, conv_kernel=4,
+                         expand=2, time_step_rank=8),
+    "mamba2": dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, state_size=16, conv_kernel=4, expand=2,
+                   num_heads=8, head_dim=16, n_groups=1, chunk_size=8),
+}
+
+
+def make_hf_mamba(folder: Path, arch: str = "mamba", **overrides):
+    """Create and save a tiny random HF Mamba model (mamba, falcon_mamba, mamba2); return the HF model.
+
+    Every parameter is perturbed away from HF's structured init (D = 1, A_log = log(1..N), zero biases, unit
+    norms), so that a mixer that ignored one of them could not match.
+    """
+    transformers = pytest.importorskip("transformers")
+    classes = {
+        "mamba": (transformers.MambaConfig, transformers.MambaForCausalLM),
+        "falcon_mamba": (transformers.FalconMambaConfig, transformers.FalconMambaForCausalLM),
+        "mamba2": (transformers.Mamba2Config, transformers.Mamba2ForCausalLM),
+    }
+    config_class, model_class = classes[arch]
+    torch.manual_seed(0)
+    model = model_class(config_class(**{**TINY_MAMBA[arch], **overrides})).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            scale = 0.3 if name.endswith(("A_log", "dt_bias", "D", "norm.weight", "norm_f.weight", "bias")) else 0.05
+            param.add_(scale * torch.randn(param.shape, generator=generator))
+    model.save_pretrained(folder)
+    return model
+
+
 @pytest.fixture(scope="session")
 def sp_tokenizer_files(tmp_path_factory) -> Path:
     """A folder holding a small SentencePiece tokenizer (tokenizer.model + tokenizer_config.json)."""
@@ -85,3 +119,27 @@ def add_tokenizer(folder: Path, tokenizer_files: Path) -> None:
     """Copy tokenizer files into a checkpoint folder."""
     for name in ("tokenizer.model", "tokenizer_config.json"):
         (folder / name).write_bytes((tokenizer_files / name).read_bytes())
+
+
+TINY_GRANITE_HYBRID = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=96, shared_intermediate_size=96, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, num_local_experts=0,
+    layer_types=["mamba", "attention", "mamba", "mamba"], mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1,
+    mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=8, embedding_multiplier=3.0,
+    residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=2.0, position_embedding_type="nope",
+)
+
+
+def make_hf_granite_hybrid(folder: Path, **overrides):
+    """Create and save a tiny random GraniteMoeHybridForCausalLM (dense, Mamba-2 + attention); return it."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GraniteMoeHybridConfig(**{**TINY_GRANITE_HYBRID, **overrides})
+    model = transformers.GraniteMoeHybridForCausalLM(config).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            scale = 0.3 if name.endswith(("A_log", "dt_bias", "D", "norm.weight", "bias")) else 0.05
+            param.add_(scale * torch.randn(param.shape, generator=generator))
+    model.save_pretrained(folder)
+    return model

@@ -12,7 +12,6 @@ from kilnlm.export.checkpoint import open_checkpoint
 from kilnlm.export.gguf import GGUFCheckpoint, write_gguf
 from kilnlm.quant.calibration import (
     CalibrationError,
-    LINEAR_GROUPS,
     LayerRunner,
     calibration_ids,
     generated_calibration_ids,
@@ -70,13 +69,13 @@ def test_layer_runner_observes_each_linear_input_and_stops_there(demo, calib_fil
     expected: dict[str, list[torch.Tensor]] = {}
     handles = [layer.get_submodule(name).register_forward_hook(
         lambda _m, inputs, _out, name=name: expected.setdefault(name, []).append(inputs[0]))
-        for group in LINEAR_GROUPS for name in group]
+        for group in layer.linear_groups for name in group]
     runner._run(layer, runner.hidden)
     for handle in handles:
         handle.remove()
     calls = []
     layer.mlp.down_proj.register_forward_hook(lambda *_: calls.append(1))
-    for group in LINEAR_GROUPS:
+    for group in layer.linear_groups:
         seen: list[torch.Tensor] = []
         runner.observe(layer, group[0], seen.append)
         assert len(seen) == 2 and all(torch.equal(a, b) for a, b in zip(seen, expected[group[0]]))

@@ -10,13 +10,26 @@ from torch import nn
 from kilnlm.errors import CheckpointError
 from kilnlm.quant.formats import QuantizedTensor
 from kilnlm.runtime.config import ModelConfig
+from kilnlm.runtime.models.granite_hybrid import GraniteHybridModel
 from kilnlm.runtime.models.llama import LlamaModel
+from kilnlm.runtime.models.mamba import MambaModel
 
+# Every family exposes the same seams: `layers` (blocks called as block(x, context, cache)), the static
+# `make_block(config, i)` and `block_context(config, start, length, device)`, each block's `linear_groups`,
+# `prepare(device)` after loading and `new_cache(...)`; calibration and tuning use nothing else.
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "llama": LlamaModel,
     "mistral": LlamaModel,
     "qwen2": LlamaModel,
+    "mamba": MambaModel,
+    "mamba2": MambaModel,
+    "granitehybrid": GraniteHybridModel,
 }
+
+
+def model_class(config: ModelConfig) -> type[nn.Module]:
+    """The family class that builds a model with `config`."""
+    return MODEL_CLASSES[config.architecture]
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -57,7 +70,7 @@ def build_model(
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"{source}: missing tensors {shown}")
-    model.rotary.to(device)
+    model.prepare(torch.device(device))
     return model.eval()
 
 

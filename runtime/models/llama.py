@@ -7,6 +7,8 @@ Parameter names follow Hugging Face's (without the "model." prefix), so readers 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -37,6 +39,10 @@ class Attention(nn.Module):
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.window = config.window_for_layer(layer)
+        self.use_rope = config.use_rope
+        # The attention kernels scale scores by 1/sqrt(head_dim); a model with its own scale (Granite's
+        # attention_multiplier) has the ratio folded into q, which every cache kind and kernel then honours.
+        self.q_scale = 1.0 if config.attention_scale is None else config.attention_scale * math.sqrt(self.head_dim)
         bias = config.attention_bias
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
@@ -44,13 +50,17 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Cache | None
+        self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, cache: Cache | None
     ) -> torch.Tensor:
+        """x (B, T, H) -> (B, T, H); cos/sin are the RoPE tables (None for a model without position encoding)."""
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = kernels.apply_rotary(q, k, cos, sin)
+        if self.use_rope:
+            q, k = kernels.apply_rotary(q, k, cos, sin)
+        if self.q_scale != 1.0:
+            q = q * self.q_scale
         if cache is None:
             out = kernels.attention(q, k, v, window=self.window)  # (B, Hq, T, D)
         else:  # the cache stores k, v and attends over every position so far, in its own layout
@@ -74,6 +84,14 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm transformer block."""
 
+    # Linear layers that see the same input share one set of calibration statistics (one Hessian for q, k, v).
+    linear_groups = (
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
+    )
+
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -81,8 +99,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Cache | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: Cache | None) -> torch.Tensor:
+        """x (B, T, H) -> (B, T, H); `rope` is the (cos, sin) tables of the positions of x."""
+        x = x + self.self_attn(self.input_layernorm(x), *rope, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -93,10 +112,25 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(self.make_block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
+
+    @staticmethod
+    def make_block(config: ModelConfig, layer: int) -> DecoderLayer:
+        """Block `layer` of a model with `config` (calibration builds blocks one at a time)."""
+        return DecoderLayer(config, layer)
+
+    @staticmethod
+    def block_context(config: ModelConfig, start: int, length: int,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the blocks take besides hidden states and cache for positions start..start+length-1: RoPE tables."""
+        return RotaryEmbedding(config).to(device)(start, length)
+
+    def prepare(self, device: torch.device) -> None:
+        """Move the RoPE frequencies (a buffer built outside the weights) to `device`."""
+        self.rotary.to(device)
 
     def forward(
         self, input_ids: torch.Tensor, cache: Cache | None = None, *, last_logits_only: bool = False
@@ -107,10 +141,10 @@ class LlamaModel(nn.Module):
         if cache is not None:
             cache.check_room(length)
             start = cache.offsets()  # per sequence for a batch of sequences at different lengths
-        cos, sin = self.rotary(start, length)
+        rope = self.rotary(start, length)
         x = self.embed_tokens(input_ids)  # (B, T, H)
         for layer in self.layers:
-            x = layer(x, cos, sin, cache)
+            x = layer(x, rope, cache)
         if cache is not None:
             cache.commit_rows(input_ids)
         if last_logits_only:
