@@ -117,10 +117,19 @@ class LayerCache(Cache):
         self.kv_stores = [store for store in self.stores if not isinstance(store, StateStore)]
         self.checkpoints = CheckpointRing()
         self._told_recompute = False
+        # Set while a forward pass is updating recurrent states, cleared when it commits its tokens: a pass that
+        # was interrupted (Ctrl-C in a chat) leaves some layers a step ahead, so that live state is unusable.
+        self._states_in_flight = False
 
     def state(self, layer: int) -> StateStore:
         """The recurrent state of a Mamba layer (the layer reads it and writes the state after its tokens)."""
+        self._states_in_flight = True
         return self.stores[layer]
+
+    def commit(self, token_ids: Sequence[int]) -> None:
+        """Record that every layer has stored the positions of `token_ids` (recurrent states included)."""
+        super().commit(token_ids)
+        self._states_in_flight = False
 
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store keys/values (B, Hkv, T, D) for positions length .. length+T-1; return the layer's visible ones.
@@ -144,7 +153,7 @@ class LayerCache(Cache):
 
     def checkpoint(self) -> None:
         """Snapshot the recurrent layers' state after the tokens held now (a no-op without such layers)."""
-        if self.state_stores:
+        if self.state_stores and not self._states_in_flight:
             self.checkpoints.save(self.token_ids, self.state_stores)
 
     def reuse_prefix(self, token_ids: Sequence[int]) -> int:
@@ -156,7 +165,8 @@ class LayerCache(Cache):
         shared = 0
         while shared < min(self.length, limit) and self.token_ids[shared] == token_ids[shared]:
             shared += 1
-        live = shared if shared == self.length else None  # the live state is where this prompt continues
+        # The live state is where this prompt continues, unless a pass over more tokens was cut short.
+        live = shared if shared == self.length and not self._states_in_flight else None
         # Attention layers hold this prompt's keys only up to `shared`; pure recurrent models have no such bound.
         found = self.checkpoints.newest_prefix_of(token_ids, shared if self.kv_stores else limit)
         if found is not None and len(found.tokens) > (live or 0) and self.resume_point(len(found.tokens)):
@@ -175,6 +185,7 @@ class LayerCache(Cache):
         super().reset()
         for store in self.state_stores:
             store.clear()
+        self._states_in_flight = False
 
     def _say_recompute(self, why: str) -> None:
         if not self._told_recompute:

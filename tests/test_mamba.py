@@ -350,3 +350,21 @@ def test_llama_cpp_itself_agrees_on_greedy_tokens(tmp_path, sp_tokenizer_files, 
         if len(theirs) == len(ours):
             break
     assert theirs == ours
+
+
+def test_a_forward_cut_short_does_not_leave_a_half_updated_state_in_use(tmp_path, sp_tokenizer_files):
+    """Ctrl-C can stop a pass after some layers advanced their state; the next prompt must not continue from it."""
+    make_hf_mamba(tmp_path, "mamba2", vocab_size=TOKENIZER_VOCAB)
+    add_tokenizer(tmp_path, sp_tokenizer_files)
+    engine = Engine.load(tmp_path, progress=False)
+    prompt = engine.tokenizer.encode("Once upon a time there was a cat", add_bos=True)
+    expected = Engine.load(tmp_path, progress=False).generate(prompt, max_tokens=8, temperature=0, ignore_eos=True)
+    engine.generate(prompt[:4], max_tokens=1, temperature=0)
+
+    last = engine.model.layers[-1]
+    original = last.forward
+    last.forward = lambda *args: (_ for _ in ()).throw(KeyboardInterrupt)  # layer 0 has run when this fires
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate(prompt, max_tokens=8, temperature=0)
+    last.forward = original
+    assert engine.generate(prompt, max_tokens=8, temperature=0, ignore_eos=True) == expected
