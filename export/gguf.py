@@ -40,8 +40,8 @@ TARGET_TYPES = {  # --type -> (format of 2-D weights, GGUF general.file_type)
     "q4_0": ("q4_0", LlamaFileType.MOSTLY_Q4_0),
     "q4_1": ("q4_1", LlamaFileType.MOSTLY_Q4_1),
 }
-ROPE_FREQS = "rope_freqs.weight"
-PACKED_RUNTIME_FORMATS = ("q4_0", "q4_1", "q8_0")  # the formats kernels/dequant_matmul.py multiplies through  # llama.cpp's per-frequency divisors (Llama 3.1 rope scaling)
+ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency divisors (Llama 3.1 rope scaling)
+PACKED_RUNTIME_FORMATS = ("q4_0", "q4_1", "q8_0")  # the formats kernels/dequant_matmul.py multiplies through
 
 # kilnlm (HF-style) parameter names <-> llama.cpp tensor names, per GGUF architecture; {i} is the block index.
 _COMMON_NAMES = {
