@@ -96,7 +96,7 @@ def ssd_scan_ref(
     delta, Bh, Ch, h = _ssd_inputs(x, dt, B, C, dt_bias, state, dt_limit)
     batch, seq, heads, head_dim = x.shape
     n = B.shape[-1]
-    L = chunk_size
+    L = max(1, min(chunk_size, seq))  # a decode step (T == 1) is one chunk of one, not a padded chunk of 64
     chunks = -(-seq // L)
     pad = chunks * L - seq  # padded steps have delta = 0: decay 1 and no input
     x32 = x.float()
