@@ -28,6 +28,11 @@ QUANTIZE_EXAMPLE = """examples:
       --model-samples 128 --tune-steps 300
   kiln quantize ./Llama-3.2-1B -o llama1b-int8.gguf --method llm-int8 --calib wiki.txt
 """
+EXPORT_EXAMPLE = """examples:
+  kiln export ./Llama-3.2-1B-Instruct -o llama1b-onnx --format onnx --type f16 --ep cuda
+  kiln export ./Qwen2-0.5B -o qwen-onnx                    # f32, CPU
+  python -c "import onnxruntime_genai as og; og.Model('qwen-onnx')"   # the folder loads in onnxruntime-genai
+"""
 BENCH_EXAMPLE = """examples:
   kiln bench --shape llama-8b --device cuda          # random weights, no download
   kiln bench llama1b-q4_0.gguf --device cuda --json
@@ -396,6 +401,21 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """kiln export: write an ONNX folder that onnxruntime and onnxruntime-genai run."""
+    from pathlib import Path
+
+    from kilnlm.export.checkpoint import open_checkpoint
+    from kilnlm.export.onnx import write_onnx
+
+    source = Path(args.source)
+    checkpoint = open_checkpoint(source, allow_pickle=args.allow_pickle)
+    summary = write_onnx(checkpoint, args.output, args.type, ep=args.ep, context_length=args.ctx,
+                         source_folder=source if source.is_dir() else None)
+    _info(f"wrote {summary.folder}: {summary.bytes / 2**20:.2f} MiB, {args.type} weights, {summary.seconds:.1f}s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every `kiln` subcommand."""
     parser = argparse.ArgumentParser(prog="kiln", description="kilnlm: quantize and run LLMs locally.",
@@ -427,6 +447,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_options(demo, temperature=0.8)
     demo.set_defaults(max_tokens=200, seed=0)
     _add_model_options(demo)
+
+    export = add("export", cmd_export, "Write an ONNX folder (model.onnx + genai_config.json) that onnxruntime "
+                 "and onnxruntime-genai run.", EXPORT_EXAMPLE)
+    export.add_argument("source", help="Hugging Face checkpoint folder or GGUF file (Llama, Mistral, Qwen2)")
+    export.add_argument("--output", "-o", required=True, help="folder to create (written atomically)")
+    export.add_argument("--format", default="onnx", choices=["onnx"], help="output format (default: onnx)")
+    export.add_argument("--type", default="f32", choices=["f32", "f16"], help="weight type (default: f32)")
+    export.add_argument("--ep", default="cpu", choices=["cpu", "cuda"],
+                        help="onnxruntime-genai execution provider recorded in genai_config.json (default: cpu)")
+    export.add_argument("--ctx", type=int, default=None, help="context length for genai (default: the model's)")
+    export.add_argument("--allow-pickle", action="store_true", help="read pytorch_model.bin (runs pickle code)")
 
     quantize = add("quantize", cmd_quantize, "Write a GGUF file (f32, f16, bf16, q8_0, q4_0, q4_1) from an HF "
                    "folder or a GGUF file.", QUANTIZE_EXAMPLE)

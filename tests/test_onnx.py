@@ -1,0 +1,127 @@
+"""ONNX export against onnxruntime (logits through GroupQueryAttention's past/present KV) and onnxruntime-genai
+(greedy tokens), on tiny random Llama / Mistral / Qwen2 checkpoints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TOKENIZER_VOCAB, add_tokenizer, make_hf_mamba, make_hf_model
+from kilnlm.errors import CheckpointError, UnsupportedModelError
+from kilnlm.export.hf import open_hf_checkpoint
+from kilnlm.export.onnx import write_onnx
+from kilnlm.runtime.models import build_model
+
+ort = pytest.importorskip("onnxruntime")
+TOL = 1e-4  # fp32: summation order in MatMul and GroupQueryAttention
+
+CASES = {
+    "llama3-rope": ("llama", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    "mistral-window": ("mistral", dict(sliding_window=7)),
+    "qwen2-bias-tied": ("qwen2", dict(tie_word_embeddings=True)),
+}
+
+
+def _export(tmp_path, tokenizer_files, arch: str, overrides: dict, **kwargs):
+    make_hf_model(tmp_path / "hf", arch, vocab_size=TOKENIZER_VOCAB, **overrides)
+    add_tokenizer(tmp_path / "hf", tokenizer_files)
+    checkpoint = open_hf_checkpoint(tmp_path / "hf")
+    write_onnx(checkpoint, tmp_path / "onnx", "f32", source_folder=tmp_path / "hf", **kwargs)
+    return checkpoint, build_model(checkpoint.config, checkpoint.tensors())
+
+
+def _run(session, ids: np.ndarray, past: dict, total: int, layers: int) -> dict:
+    feeds = {"input_ids": ids, "attention_mask": np.ones((ids.shape[0], total), np.int64), **past}
+    names = [o.name for o in session.get_outputs()]
+    out = dict(zip(names, session.run(None, feeds), strict=True))
+    return out, {f"past_key_values.{i}.{kv}": out[f"present.{i}.{kv}"] for i in range(layers) for kv in ("key", "value")}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_onnxruntime_logits_match_kilnlm_through_the_kv_cache(tmp_path, sp_tokenizer_files, case):
+    arch, overrides = CASES[case]
+    checkpoint, ours = _export(tmp_path, sp_tokenizer_files, arch, overrides)
+    config = checkpoint.config
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, TOKENIZER_VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = ours(ids).numpy()
+    empty = np.zeros((2, config.num_kv_heads, 0, config.head_dim), np.float32)
+    past = {f"past_key_values.{i}.{kv}": empty for i in range(config.num_layers) for kv in ("key", "value")}
+    out, past = _run(session, ids[:, :12].numpy(), past, 12, config.num_layers)
+    logits = [out["logits"]]
+    for t in range(12, 20):  # decode: one token at a time over the present KV of the steps before
+        out, past = _run(session, ids[:, t : t + 1].numpy(), past, t + 1, config.num_layers)
+        logits.append(out["logits"])
+    assert np.abs(np.concatenate(logits, axis=1) - expected).max() <= TOL
+
+
+def test_onnxruntime_genai_greedy_tokens_equal_kilnlm(tmp_path, shared_dir):
+    og = pytest.importorskip("onnxruntime_genai")
+    make_hf_model(tmp_path / "hf", "llama", vocab_size=32000)
+    shutil.copyfile(shared_dir / "tokenizers/llama2-tokenizer.model", tmp_path / "hf" / "tokenizer.model")
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "LlamaTokenizer", "add_bos_token": True}))
+    checkpoint = open_hf_checkpoint(tmp_path / "hf")
+    write_onnx(checkpoint, tmp_path / "onnx", "f32", source_folder=tmp_path / "hf", context_length=64)
+    prompt = [1, 450, 4996, 17354, 1701]
+    model = og.Model(str(tmp_path / "onnx"))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + 32, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    while not generator.is_done():
+        generator.generate_next_token()
+    theirs = [int(t) for t in generator.get_sequence(0)][len(prompt):]
+
+    ours = build_model(checkpoint.config, checkpoint.tensors())
+    cache = ours.new_cache(64)
+    with torch.no_grad():
+        logits = ours(torch.tensor([prompt]), cache)[0, -1]
+        mine = []
+        for _ in range(32):
+            mine.append(int(logits.argmax()))
+            logits = ours(torch.tensor([[mine[-1]]]), cache)[0, -1]
+    assert len(theirs) == 32 and theirs == mine
+
+
+def test_genai_config_describes_the_graph(tmp_path, sp_tokenizer_files):
+    checkpoint, _ = _export(tmp_path, sp_tokenizer_files, "llama", {}, ep="cuda", context_length=48)
+    settings = json.loads((tmp_path / "onnx" / "genai_config.json").read_text())
+    decoder = settings["model"]["decoder"]
+    assert decoder["num_key_value_heads"] == checkpoint.config.num_kv_heads and decoder["head_size"] == 16
+    assert decoder["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    assert decoder["session_options"]["provider_options"] == [{"cuda": {}}]
+    assert settings["model"]["context_length"] == 48 and settings["search"]["max_length"] == 48
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == [
+        "genai_config.json", "model.onnx", "model.onnx.data", "tokenizer.model", "tokenizer_config.json"]
+
+
+def test_unexportable_models_are_refused_before_writing(tmp_path):
+    make_hf_model(tmp_path / "narrow", "llama", head_dim=8)
+    with pytest.raises(UnsupportedModelError, match="multiple of 16"):
+        write_onnx(open_hf_checkpoint(tmp_path / "narrow"), tmp_path / "out", "f32")
+    make_hf_mamba(tmp_path / "mamba", "mamba")
+    with pytest.raises(UnsupportedModelError, match="mamba"):
+        write_onnx(open_hf_checkpoint(tmp_path / "mamba"), tmp_path / "out", "f32")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mamba", "narrow"]  # nothing written, no temp folder
+    make_hf_model(tmp_path / "fine", "llama")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(CheckpointError, match="already exists"):
+        write_onnx(open_hf_checkpoint(tmp_path / "fine"), tmp_path / "out", "f32")
+
+
+def test_cli_export_writes_a_folder_onnxruntime_loads(tmp_path, sp_tokenizer_files):
+    from test_cli import run_kiln
+
+    make_hf_model(tmp_path / "hf", "qwen2", tie_word_embeddings=True, vocab_size=TOKENIZER_VOCAB)
+    add_tokenizer(tmp_path / "hf", sp_tokenizer_files)
+    done = run_kiln("export", str(tmp_path / "hf"), "-o", str(tmp_path / "onnx"), "--type", "f16")
+    assert done.returncode == 0, done.stderr
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_outputs()[0].name == "logits"
