@@ -31,6 +31,7 @@ QUANTIZE_EXAMPLE = """examples:
 EXPORT_EXAMPLE = """examples:
   kiln export ./Llama-3.2-1B-Instruct -o llama1b-onnx --format onnx --type f16 --ep cuda
   kiln export ./Qwen2-0.5B -o qwen-onnx                    # f32, CPU
+  kiln export llama1b-gptq-q4_0.gguf -o llama1b-q4-onnx   # GPTQ blocks kept exactly (MatMulNBits)
   python -c "import onnxruntime_genai as og; og.Model('qwen-onnx')"   # the folder loads in onnxruntime-genai
 """
 BENCH_EXAMPLE = """examples:
@@ -410,8 +411,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     source = Path(args.source)
     checkpoint = open_checkpoint(source, allow_pickle=args.allow_pickle)
-    summary = write_onnx(checkpoint, args.output, args.type, ep=args.ep, context_length=args.ctx,
-                         source_folder=source if source.is_dir() else None)
+    summary = write_onnx(checkpoint, args.output, args.type, ep=args.ep, accuracy_level=args.accuracy_level,
+                         context_length=args.ctx, source_folder=source if source.is_dir() else None)
     _info(f"wrote {summary.folder}: {summary.bytes / 2**20:.2f} MiB, {args.type} weights, {summary.seconds:.1f}s")
     return 0
 
@@ -453,7 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("source", help="Hugging Face checkpoint folder or GGUF file (Llama, Mistral, Qwen2)")
     export.add_argument("--output", "-o", required=True, help="folder to create (written atomically)")
     export.add_argument("--format", default="onnx", choices=["onnx"], help="output format (default: onnx)")
-    export.add_argument("--type", default="f32", choices=["f32", "f16"], help="weight type (default: f32)")
+    export.add_argument("--type", default="f32", choices=["f32", "f16", "q8_0", "q4_0", "q4_1"],
+                        help="type of the weights the source stores as floats (default: f32); a GGUF's Q4_0 / Q4_1 / "
+                        "Q8_0 and LLM.int8 weights keep their exact values in MatMulNBits whatever this says")
+    export.add_argument("--accuracy-level", type=int, default=None, choices=[0, 1, 2, 3, 4],
+                        help="MatMulNBits compute type: 0 the input's, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations "
+                        "(default: 4 with --ep cpu, 0 with cuda, as onnxruntime-genai's builder)")
     export.add_argument("--ep", default="cpu", choices=["cpu", "cuda"],
                         help="onnxruntime-genai execution provider recorded in genai_config.json (default: cpu)")
     export.add_argument("--ctx", type=int, default=None, help="context length for genai (default: the model's)")

@@ -1,4 +1,4 @@
-"""ONNX export of the Llama family in the layout onnxruntime-genai's model builder writes (first slice: float weights).
+"""ONNX export of the Llama family in the layout onnxruntime-genai's model builder writes.
 
 The graph uses onnxruntime's decoder ops as the builder does: `SkipSimplifiedLayerNormalization` fuses each
 residual add with the next RMSNorm, `GroupQueryAttention` holds the KV cache (past/present in BNSH) and applies
@@ -6,9 +6,21 @@ RoPE itself from cos/sin caches (llama3 / yarn / linear scaling baked in), seqle
 mask. Weights are MatMul initializers in (in, out) layout, stored in one external-data file next to
 `model.onnx`; `genai_config.json` describes the inputs and outputs for onnxruntime-genai.
 
-Not yet here (see the ONNX issue): MatMulNBits for Q4_0/Q4_1/Q8_0 and LLM.int8 weights, the separate
-RotaryEmbedding path for head sizes that are not a multiple of 16, tokenizer.json for SentencePiece models,
-and the runtime path that runs a folder through onnxruntime behind Engine.
+Quantized linears keep their exact values in `MatMulNBits` (com.microsoft):
+- Q4_0: bits 4, block 32, default zero point 8, scale d. ggml keeps element j in the low nibble of byte j and
+  j + 16 in the high one; MatMulNBits wants elements 2i / 2i+1 in byte i's low / high nibble, so codes are
+  repacked (not re-rounded).
+- Q8_0: bits 8, codes XOR 0x80 against the default zero point 128, scale d.
+- Q4_1 (d * q + m): bits 4 with zero point 0 for d * q, plus m times each block's sum of the activations,
+  computed by a small MatMul, as ggml computes it. A float zero point -m / d is not exact in general.
+- LLM.int8: bits 8 with each row's scale in every block, outlier columns zero in the codes; the fp16 outlier
+  columns are a Gather of the activation columns and a small MatMul, added. The activations stay float (the
+  kilnlm runtime quantizes them to int8 per token), so the two agree as float x dequantized weights.
+Token embeddings are gathered from float (dequantized, exact) tables.
+
+Not yet here (see the ONNX issue): GatherBlockQuantized embeddings, the separate RotaryEmbedding path for head
+sizes that are not a multiple of 16, tokenizer.json for SentencePiece models, and the runtime path that runs
+a folder through onnxruntime behind Engine.
 """
 
 from __future__ import annotations
@@ -24,10 +36,13 @@ import numpy as np
 import torch
 
 from kilnlm.errors import CheckpointError, UnsupportedModelError
+from kilnlm.quant.formats import QuantizedTensor, get_format
 from kilnlm.runtime.config import ModelConfig
 from kilnlm.runtime.rope import RotaryEmbedding
 
-ONNX_TYPES = {"f32": (np.float32, 1), "f16": (np.float16, 10)}  # --type -> (numpy dtype, onnx TensorProto type)
+FLOAT_TYPES = {"f32": (np.float32, 1), "f16": (np.float16, 10)}  # -> (numpy dtype, onnx TensorProto type)
+NBITS_TYPES = ("q8_0", "q4_0", "q4_1")  # block formats MatMulNBits holds exactly
+ONNX_TYPES = (*FLOAT_TYPES, *NBITS_TYPES)
 ONNX_FAMILIES = ("llama", "mistral", "qwen2")
 MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 OPSET = 21
@@ -57,10 +72,11 @@ def check_exportable(config: ModelConfig) -> None:
 
 
 class _Graph:
-    """Nodes, initializers and value names of the graph being built."""
+    """Nodes, initializers and value names of the graph being built, with activations of one float dtype."""
 
-    def __init__(self, dtype: np.dtype):
+    def __init__(self, dtype: np.dtype, accuracy_level: int):
         self.dtype = dtype
+        self.accuracy_level = accuracy_level
         self.nodes: list = []
         self.initializers: list = []
 
@@ -76,13 +92,81 @@ class _Graph:
         self.nodes.append(helper.make_node(op, inputs, outputs, name=f"/{op}_{len(self.nodes)}", domain=domain, **attrs))
         return outputs
 
-    def matmul(self, x: str, weight: torch.Tensor, name: str, bias: torch.Tensor | None = None) -> str:
-        """x @ W^T (+ b) with W in torch's (out, in) layout, stored as the (in, out) initializer MatMul wants."""
-        out = self.node("MatMul", [x, self.weight(name, weight.t().numpy().astype(self.dtype))], [f"{name}/out"])[0]
+    def linear(self, x: str, weight, name: str, bias: torch.Tensor | None = None) -> str:
+        """x @ W^T (+ b) for W (out, in) as a float tensor, a Q4_0 / Q4_1 / Q8_0 QuantizedTensor or an Int8Weight."""
+        if isinstance(weight, QuantizedTensor):
+            out = self._nbits(x, weight, name)
+        elif isinstance(weight, torch.Tensor):
+            w = self.weight(name, weight.t().numpy().astype(self.dtype))  # MatMul wants (in, out)
+            out = self.node("MatMul", [x, w], [f"{name}/out"])[0]
+        else:
+            out = self._llm_int8(x, weight, name)
         if bias is not None:
             out = self.node("Add", [out, self.weight(f"{name}.bias", bias.numpy().astype(self.dtype))],
                             [f"{name}/biased"])[0]
         return out
+
+    def _matmul_nbits(self, x: str, name: str, codes: np.ndarray, scales: np.ndarray, bits: int, block: int,
+                      zero_points: np.ndarray | None = None) -> str:
+        rows, blocks, _ = codes.shape
+        inputs = [x, self.weight(f"{name}.qweight", codes), self.weight(f"{name}.scales", scales.astype(self.dtype))]
+        if zero_points is not None:
+            inputs.append(self.weight(f"{name}.zero_points", zero_points))
+        return self.node("MatMulNBits", inputs, [f"{name}/out"], domain="com.microsoft", K=blocks * block, N=rows,
+                         bits=bits, block_size=block, accuracy_level=self.accuracy_level)[0]
+
+    def _nbits(self, x: str, weight: QuantizedTensor, name: str) -> str:
+        rows, cols = weight.shape
+        blocks = weight.data.numpy().reshape(rows, cols // 32, weight.format.bytes_per_block)  # (N, nb, bytes)
+        d = _fp16_field(blocks, 0)  # (N, nb) exact in fp16 and fp32
+        if weight.format.name == "q8_0":
+            return self._matmul_nbits(x, name, blocks[..., 2:] ^ 0x80, d, 8, 32)
+        if weight.format.name == "q4_0":
+            return self._matmul_nbits(x, name, _nbits_nibbles(blocks[..., 2:]), d, 4, 32)
+        # q4_1: d * q with zero point 0 (two 4-bit zero points per byte), then m x each block's activation sum.
+        zero_points = np.zeros(rows * (-(-blocks.shape[1] // 2)), np.uint8)
+        scaled = self._matmul_nbits(x, name, _nbits_nibbles(blocks[..., 4:]), d, 4, 32, zero_points)
+        # x (..., K) -> (..., K / 32, 32), whatever x's rank: its shape without the last axis, then the blocks.
+        lead = self.node("Shape", [x], [f"{name}/x_shape"], end=-1)[0]
+        blocks_shape = self.weight(f"{name}.block_shape", np.array([cols // 32, 32], np.int64))
+        shape = self.node("Concat", [lead, blocks_shape], [f"{name}/blocks_shape"], axis=0)[0]
+        grouped = self.node("Reshape", [x, shape], [f"{name}/blocks"])[0]
+        sums = self.node("ReduceSum", [grouped, self.weight(f"{name}.last_axis", np.array([-1], np.int64))],
+                         [f"{name}/block_sums"], keepdims=0)[0]
+        mins = self.weight(f"{name}.mins", _fp16_field(blocks, 2).T.astype(self.dtype))  # (nb, N)
+        offset = self.node("MatMul", [sums, mins], [f"{name}/min_part"])[0]
+        return self.node("Add", [scaled, offset], [f"{name}/sum"])[0]
+
+    def _llm_int8(self, x: str, weight, name: str) -> str:
+        if self.dtype != np.float32:
+            raise UnsupportedModelError(f"{name}: LLM.int8 row scales are float32 and would be rounded in an fp16 "
+                                        "graph; export with --type f32 --ep cpu")
+        codes = weight.weight_int8.numpy()  # (N, K) int8, outlier columns 0
+        rows, cols = codes.shape
+        block = 32 if cols % 32 == 0 else None
+        if block is None:
+            raise UnsupportedModelError(f"{name}: LLM.int8 rows of {cols} features are not a multiple of 32")
+        scales = np.repeat(weight.row_scale.numpy()[:, None], cols // block, axis=1)  # each row's scale per block
+        main = self._matmul_nbits(x, name, codes.view(np.uint8).reshape(rows, cols // block, block) ^ 0x80,
+                                  scales, 8, block)
+        if weight.outlier_idx.numel() == 0:
+            return main
+        idx = self.weight(f"{name}.outlier_idx", weight.outlier_idx.numpy().astype(np.int64))
+        picked = self.node("Gather", [x, idx], [f"{name}/outlier_x"], axis=-1)[0]
+        columns = self.weight(f"{name}.outlier_weight", weight.outlier_weight.float().numpy().T.astype(self.dtype))
+        extra = self.node("MatMul", [picked, columns], [f"{name}/outlier_out"])[0]
+        return self.node("Add", [main, extra], [f"{name}/sum"])[0]
+
+
+def _fp16_field(blocks: np.ndarray, offset: int) -> np.ndarray:
+    """The fp16 field at byte `offset` of every ggml block (..., bytes), as float32."""
+    return np.ascontiguousarray(blocks[..., offset : offset + 2]).view(np.float16)[..., 0].astype(np.float32)
+
+
+def _nbits_nibbles(qs: np.ndarray) -> np.ndarray:
+    """ggml's 4-bit codes (element j low, j + 16 high nibble of byte j) in MatMulNBits' order (2i low, 2i+1 high)."""
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # (..., 32) elements in order
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
 
 
 def _rope_caches(config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -92,14 +176,45 @@ def _rope_caches(config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     return cos[:, :half].numpy(), sin[:, :half].numpy()
 
 
-def _build_graph(checkpoint, target: str):
-    """The onnx ModelProto of a Llama-family checkpoint with float weights of `target`."""
+def _weights(checkpoint, target: str):
+    """name -> the weight to export: LLM.int8 and Q4_0 / Q4_1 / Q8_0 linears as stored (exact), float ones as
+    floats, or, for a block `target`, rounded to it by llama.cpp's rules (output Q8_0 for 4-bit, F16 fallback)."""
+    from kilnlm.export.gguf import choose_format
+
+    int8_weight = getattr(checkpoint, "int8_weight", None)
+    packed = getattr(checkpoint, "packed", None)
+    tied = checkpoint.config.tie_word_embeddings
+
+    def weight(name: str):
+        if int8_weight is not None and (stored := int8_weight(name)) is not None:
+            return stored
+        if packed is not None and (stored := packed(name)) is not None and stored.format.name in NBITS_TYPES:
+            return stored
+        tensor = checkpoint.tensor(name)
+        if target in NBITS_TYPES:
+            fmt = choose_format(name, tuple(tensor.shape), target, tied)
+            if fmt.name in NBITS_TYPES:
+                return QuantizedTensor.from_float(tensor, fmt)
+        return tensor
+
+    return weight
+
+
+def activation_type(target: str, ep: str) -> str:
+    """The graph's float type: the target's for f32 / f16, else fp32 on the CPU and fp16 on CUDA (the builder's)."""
+    if target in FLOAT_TYPES:
+        return target
+    return "f16" if ep == "cuda" else "f32"
+
+
+def _build_graph(checkpoint, target: str, ep: str, accuracy_level: int):
+    """The onnx ModelProto of a Llama-family checkpoint with `target` weights."""
     from onnx import TensorProto, helper
 
     config: ModelConfig = checkpoint.config
-    dtype, onnx_type = ONNX_TYPES[target]
-    g = _Graph(dtype)
-    tensor = checkpoint.tensor
+    dtype, onnx_type = FLOAT_TYPES[activation_type(target, ep)]
+    g = _Graph(dtype, accuracy_level)
+    tensor, weight = checkpoint.tensor, _weights(checkpoint, target)
     eps = config.rms_norm_eps
     batch, seq, past, total = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [batch, seq]),
@@ -119,25 +234,28 @@ def _build_graph(checkpoint, target: str):
     g.weight("cos_cache", cos.astype(dtype))
     g.weight("sin_cache", sin.astype(dtype))
 
-    embed = tensor("embed_tokens.weight")
-    x = g.node("Gather", [g.weight("embed_tokens.weight", embed.numpy().astype(dtype)), "input_ids"], ["embeddings"])[0]
+    embedding = weight("embed_tokens.weight")  # rounded like the GGUF writer's when the target is a block type
+    if isinstance(embedding, QuantizedTensor):
+        embedding = embedding.dequantize()  # gathered from the exact dequantized rows (GatherBlockQuantized: to do)
+    table = g.weight("embed_tokens.weight", embedding.numpy().astype(dtype))
+    x = g.node("Gather", [table, "input_ids"], ["embeddings"])[0]
     residual = None
     for i in range(config.num_layers):
         p = f"layers.{i}."
         normed, residual = _norm(g, x, residual, tensor(p + "input_layernorm.weight"), eps, f"{p}input_layernorm")
-        attn = _attention(g, config, normed, tensor, p, i, inputs, outputs, kv_shape, present_shape, onnx_type)
+        attn = _attention(g, config, normed, tensor, weight, p, i, inputs, outputs, kv_shape, present_shape,
+                          onnx_type)
         normed, residual = _norm(g, attn, residual, tensor(p + "post_attention_layernorm.weight"), eps,
                                  f"{p}post_attention_layernorm")
-        gate = g.matmul(normed, tensor(p + "mlp.gate_proj.weight"), p + "mlp.gate_proj")
-        up = g.matmul(normed, tensor(p + "mlp.up_proj.weight"), p + "mlp.up_proj")
+        gate = g.linear(normed, weight(p + "mlp.gate_proj.weight"), p + "mlp.gate_proj")
+        up = g.linear(normed, weight(p + "mlp.up_proj.weight"), p + "mlp.up_proj")
         g.node("Sigmoid", [gate], [f"{p}mlp/sigmoid"])
         g.node("Mul", [gate, f"{p}mlp/sigmoid"], [f"{p}mlp/silu"])
         g.node("Mul", [f"{p}mlp/silu", up], [f"{p}mlp/act"])
-        x = g.matmul(f"{p}mlp/act", tensor(p + "mlp.down_proj.weight"), p + "mlp.down_proj")
+        x = g.linear(f"{p}mlp/act", weight(p + "mlp.down_proj.weight"), p + "mlp.down_proj")
     normed, _ = _norm(g, x, residual, tensor("norm.weight"), eps, "norm")
-    head = embed if config.tie_word_embeddings else tensor("lm_head.weight")
-    logits = g.matmul(normed, head, "lm_head")
-    g.node("Identity", [logits], ["logits"])
+    head = weight("embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight")
+    g.node("Identity", [g.linear(normed, head, "lm_head")], ["logits"])
     graph = helper.make_graph(g.nodes, "kilnlm", inputs, outputs, g.initializers)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                    helper.make_opsetid("com.microsoft", 1)],
@@ -155,17 +273,17 @@ def _norm(g: _Graph, x: str, residual: str | None, weight: torch.Tensor, eps: fl
     return out[0], out[3]
 
 
-def _attention(g: _Graph, config: ModelConfig, x: str, tensor, p: str, layer: int, inputs: list, outputs: list,
-               kv_shape: list, present_shape: list, onnx_type: int) -> str:
+def _attention(g: _Graph, config: ModelConfig, x: str, tensor, weight, p: str, layer: int, inputs: list,
+               outputs: list, kv_shape: list, present_shape: list, onnx_type: int) -> str:
     """q/k/v projections, GroupQueryAttention with its past/present KV and fused RoPE, output projection."""
     from onnx import helper
 
     def bias(name: str) -> torch.Tensor | None:
         return tensor(f"{p}self_attn.{name}.bias") if config.attention_bias else None
 
-    q = g.matmul(x, tensor(p + "self_attn.q_proj.weight"), p + "self_attn.q_proj", bias("q_proj"))
-    k = g.matmul(x, tensor(p + "self_attn.k_proj.weight"), p + "self_attn.k_proj", bias("k_proj"))
-    v = g.matmul(x, tensor(p + "self_attn.v_proj.weight"), p + "self_attn.v_proj", bias("v_proj"))
+    q = g.linear(x, weight(p + "self_attn.q_proj.weight"), p + "self_attn.q_proj", bias("q_proj"))
+    k = g.linear(x, weight(p + "self_attn.k_proj.weight"), p + "self_attn.k_proj", bias("k_proj"))
+    v = g.linear(x, weight(p + "self_attn.v_proj.weight"), p + "self_attn.v_proj", bias("v_proj"))
     past_k, past_v = f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"
     present_k, present_v = f"present.{layer}.key", f"present.{layer}.value"
     inputs += [helper.make_tensor_value_info(past_k, onnx_type, kv_shape),
@@ -178,7 +296,7 @@ def _attention(g: _Graph, config: ModelConfig, x: str, tensor, p: str, layer: in
     out = g.node("GroupQueryAttention",
                  [q, k, v, past_k, past_v, "seqlens_k", "total_seq_len", "cos_cache", "sin_cache"],
                  [f"{p}attn/out", present_k, present_v], domain="com.microsoft", **attrs)[0]
-    return g.matmul(out, tensor(p + "self_attn.o_proj.weight"), p + "self_attn.o_proj")
+    return g.linear(out, weight(p + "self_attn.o_proj.weight"), p + "self_attn.o_proj")
 
 
 EXECUTION_PROVIDERS = {"cpu": [], "cuda": [{"cuda": {}}]}  # --ep -> genai_config's provider_options
@@ -219,10 +337,16 @@ def genai_config(config: ModelConfig, tokenizer, context_length: int, ep: str = 
 
 
 def write_onnx(checkpoint, out_dir: str | Path, target: str = "f32", *, ep: str = "cpu",
-               source_folder: Path | None = None, context_length: int | None = None) -> OnnxSummary:
-    """Write `checkpoint` as an onnxruntime-genai folder of float `target` weights for execution provider `ep`,
-    atomically (a temporary folder renamed at the end). `source_folder` (an HF folder) supplies tokenizer files
-    to copy; `context_length` is genai's context and search length (default: the model's)."""
+               accuracy_level: int | None = None, source_folder: Path | None = None,
+               context_length: int | None = None) -> OnnxSummary:
+    """Write `checkpoint` as an onnxruntime-genai folder for execution provider `ep`, atomically (a temporary
+    folder renamed at the end).
+
+    `target` (f32, f16, q8_0, q4_0, q4_1) is the type of weights the source stores as floats; Q4_0 / Q4_1 / Q8_0
+    and LLM.int8 weights of a GGUF source keep their exact values whatever the target. `accuracy_level` is
+    MatMulNBits' (0: the input's type, 1: fp32, 4: int8 activations; default: 4 on the CPU, 0 on CUDA, as
+    onnxruntime-genai's builder). `source_folder` (an HF folder) supplies tokenizer files to copy;
+    `context_length` is genai's context and search length (default: the model's)."""
     import onnx
 
     if target not in ONNX_TYPES:
@@ -240,7 +364,8 @@ def write_onnx(checkpoint, out_dir: str | Path, target: str = "f32", *, ep: str 
     tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
     tmp.mkdir()
     try:
-        model = _build_graph(checkpoint, target)
+        level = accuracy_level if accuracy_level is not None else (4 if ep == "cpu" else 0)
+        model = _build_graph(checkpoint, target, ep, level)
         onnx.save_model(model, tmp / MODEL_FILE, save_as_external_data=True, all_tensors_to_one_file=True,
                         location=DATA_FILE)  # small tensors (axes, indices) stay inline for shape inference
         context = context_length or config.max_position_embeddings

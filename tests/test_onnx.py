@@ -125,3 +125,115 @@ def test_cli_export_writes_a_folder_onnxruntime_loads(tmp_path, sp_tokenizer_fil
     assert done.returncode == 0, done.stderr
     session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
     assert session.get_outputs()[0].name == "logits"
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
+def test_matmul_nbits_holds_ggml_blocks_exactly(fmt):
+    """An identity input makes every output a single product: MatMulNBits must return dequant(W)ᵀ bit for bit."""
+    from onnx import TensorProto, helper
+
+    from kilnlm.export.onnx import _Graph
+    from kilnlm.quant.formats import QuantizedTensor
+
+    weight = torch.randn(24, 96, generator=torch.Generator().manual_seed(0)) * 0.1
+    weight[3, :32] = 0.0  # an all-zero block (ggml stores d = -0.0 for Q4_0)
+    packed = QuantizedTensor.from_float(weight, fmt)
+    g = _Graph(np.float32, accuracy_level=0)
+    out = g.linear("x", packed, "w")
+    g.node("Identity", [out], ["y"])
+    graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [96, 96])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [96, 24])], g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (result,) = session.run(None, {"x": np.eye(96, dtype=np.float32)})
+    expected = packed.dequantize().t().numpy()
+    if fmt == "q4_1":  # d * q and m come from two MatMuls: one rounding of their sum, as ggml's d * q + m
+        assert np.abs(result - expected).max() <= 1e-6 * np.abs(expected).max()
+    else:
+        assert np.array_equal(result, expected)
+
+
+def test_llm_int8_codes_and_outlier_columns(tmp_path):
+    from onnx import TensorProto, helper
+
+    from kilnlm.export.onnx import _Graph
+    from kilnlm.quant.llm_int8 import quantize_llm_int8
+
+    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    int8 = quantize_llm_int8(weight, torch.tensor([5, 40]), 6.0)
+    g = _Graph(np.float32, accuracy_level=0)
+    g.node("Identity", [g.linear("x", int8, "w")], ["y"])
+    graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 16])], g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (result,) = session.run(None, {"x": np.eye(64, dtype=np.float32)})
+    assert np.array_equal(result, int8.dequantize().t().numpy())
+
+
+def _logits_through(session, ids: np.ndarray, config) -> np.ndarray:
+    empty = np.zeros((ids.shape[0], config.num_kv_heads, 0, config.head_dim), np.float32)
+    past = {f"past_key_values.{i}.{kv}": empty for i in range(config.num_layers) for kv in ("key", "value")}
+    out, _ = _run(session, ids, past, ids.shape[1], config.num_layers)
+    return out["logits"]
+
+
+@pytest.mark.parametrize("target", ["q8_0", "q4_0", "q4_1"])
+def test_quantized_gguf_exports_with_its_blocks_unchanged(tmp_path, sp_tokenizer_files, target):
+    from kilnlm.export.gguf import GGUFCheckpoint, write_gguf
+
+    make_hf_model(tmp_path / "hf", "llama", vocab_size=TOKENIZER_VOCAB, intermediate_size=128)
+    add_tokenizer(tmp_path / "hf", sp_tokenizer_files)
+    gguf_path = tmp_path / f"model-{target}.gguf"
+    write_gguf(open_hf_checkpoint(tmp_path / "hf"), gguf_path, target)
+    checkpoint = GGUFCheckpoint(gguf_path)
+    # The float target is ignored for the GGUF's block linears: they stay as stored.
+    write_onnx(checkpoint, tmp_path / "onnx", "f32", accuracy_level=1)
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    ops = {node.op_type for node in __import__("onnx").load(str(tmp_path / "onnx" / "model.onnx"),
+                                                               load_external_data=False).graph.node}
+    assert "MatMulNBits" in ops
+    ours = build_model(checkpoint.config, checkpoint.tensors())  # the same blocks, dequantized
+    ids = torch.randint(0, TOKENIZER_VOCAB, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = ours(ids).numpy()
+    assert np.abs(_logits_through(session, ids.numpy(), checkpoint.config) - expected).max() <= TOL
+
+
+def test_float_source_rounded_to_q4_0_like_the_gguf_writer(tmp_path, sp_tokenizer_files):
+    from kilnlm.export.gguf import GGUFCheckpoint, write_gguf
+
+    make_hf_model(tmp_path / "hf", "qwen2", vocab_size=TOKENIZER_VOCAB, intermediate_size=128, tie_word_embeddings=True)
+    add_tokenizer(tmp_path / "hf", sp_tokenizer_files)
+    hf = open_hf_checkpoint(tmp_path / "hf")
+    write_onnx(hf, tmp_path / "onnx", "q4_0", accuracy_level=1)
+    write_gguf(hf, tmp_path / "m.gguf", "q4_0")
+    reference = GGUFCheckpoint(tmp_path / "m.gguf")
+    ours = build_model(reference.config, reference.tensors())
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, TOKENIZER_VOCAB, (1, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = ours(ids).numpy()
+    assert np.abs(_logits_through(session, ids.numpy(), hf.config) - expected).max() <= TOL
+
+
+def test_llm_int8_gguf_exports_codes_and_outliers(tmp_path, sp_tokenizer_files):
+    from kilnlm.export.gguf import GGUFCheckpoint, write_gguf
+    from kilnlm.quant.llm_int8 import llm_int8_quantizer
+
+    make_hf_model(tmp_path / "hf", "llama", vocab_size=TOKENIZER_VOCAB)
+    add_tokenizer(tmp_path / "hf", sp_tokenizer_files)
+    hf = open_hf_checkpoint(tmp_path / "hf")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Once upon a time there was a little cat who liked to play.\n" * 60, encoding="utf-8")
+    quantizer = llm_int8_quantizer(hf, calib_files=[str(calib)], nsamples=4, seqlen=32, threshold=0.5)
+    write_gguf(hf, tmp_path / "int8.gguf", "f16", quantizer=quantizer)
+    checkpoint = GGUFCheckpoint(tmp_path / "int8.gguf")
+    assert any(len(cols) for cols in quantizer.outliers.values())
+    write_onnx(checkpoint, tmp_path / "onnx", "f32", accuracy_level=1)
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    ours = build_model(checkpoint.config, checkpoint.tensors())  # float activations x dequantized int8 weights
+    ids = torch.randint(0, TOKENIZER_VOCAB, (1, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = ours(ids).numpy()
+    assert np.abs(_logits_through(session, ids.numpy(), checkpoint.config) - expected).max() <= TOL
