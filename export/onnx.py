@@ -18,9 +18,11 @@ Quantized linears keep their exact values in `MatMulNBits` (com.microsoft):
   kilnlm runtime quantizes them to int8 per token), so the two agree as float x dequantized weights.
 Token embeddings are gathered from float (dequantized, exact) tables.
 
-Not yet here (see the ONNX issue): GatherBlockQuantized embeddings, the separate RotaryEmbedding path for head
-sizes that are not a multiple of 16, tokenizer.json for SentencePiece models, and the runtime path that runs
-a folder through onnxruntime behind Engine.
+RoPE is fused into GroupQueryAttention when the head size is a multiple of 16 (what onnxruntime's fused
+rotary accepts); otherwise q and k go through separate `RotaryEmbedding` nodes fed by a `position_ids` input.
+
+Not yet here (see the ONNX issue): GatherBlockQuantized embeddings, tokenizer.json for SentencePiece models,
+and the runtime path that runs a folder through onnxruntime behind Engine.
 """
 
 from __future__ import annotations
@@ -63,10 +65,6 @@ def check_exportable(config: ModelConfig) -> None:
         raise UnsupportedModelError(
             f"ONNX export supports {', '.join(ONNX_FAMILIES)} for now, not {config.architecture!r} "
             "(onnxruntime-genai has no recurrent-state decoder for Mamba models)")
-    if config.head_dim % 16:
-        raise UnsupportedModelError(
-            f"head size {config.head_dim} is not a multiple of 16, which GroupQueryAttention's fused RoPE needs; "
-            "the separate RotaryEmbedding path is not written yet")
     if config.sliding_window_layers:
         raise UnsupportedModelError("per-layer sliding windows are not expressed in the ONNX graph yet")
 
@@ -200,6 +198,11 @@ def _weights(checkpoint, target: str):
     return weight
 
 
+def fused_rope(config: ModelConfig) -> bool:
+    """Whether GroupQueryAttention applies RoPE itself (onnxruntime's fused rotary wants head sizes of 16k)."""
+    return config.head_dim % 16 == 0
+
+
 def activation_type(target: str, ep: str) -> str:
     """The graph's float type: the target's for f32 / f16, else fp32 on the CPU and fp16 on CUDA (the builder's)."""
     if target in FLOAT_TYPES:
@@ -219,6 +222,8 @@ def _build_graph(checkpoint, target: str, ep: str, accuracy_level: int):
     batch, seq, past, total = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [batch, seq]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [batch, total])]
+    if not fused_rope(config):
+        inputs.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, [batch, seq]))
     outputs = [helper.make_tensor_value_info("logits", onnx_type, [batch, seq, config.vocab_size])]
     kv_shape = [batch, config.num_kv_heads, past, config.head_dim]
     present_shape = [batch, config.num_kv_heads, total, config.head_dim]
@@ -291,11 +296,17 @@ def _attention(g: _Graph, config: ModelConfig, x: str, tensor, weight, p: str, l
     outputs += [helper.make_tensor_value_info(present_k, onnx_type, present_shape),
                 helper.make_tensor_value_info(present_v, onnx_type, present_shape)]
     window = config.window_for_layer(layer)
-    attrs = dict(num_heads=config.num_heads, kv_num_heads=config.num_kv_heads, do_rotary=1, rotary_interleaved=0,
+    attrs = dict(num_heads=config.num_heads, kv_num_heads=config.num_kv_heads, rotary_interleaved=0,
                  local_window_size=-1 if window is None else window)
-    out = g.node("GroupQueryAttention",
-                 [q, k, v, past_k, past_v, "seqlens_k", "total_seq_len", "cos_cache", "sin_cache"],
-                 [f"{p}attn/out", present_k, present_v], domain="com.microsoft", **attrs)[0]
+    rope_inputs = ["cos_cache", "sin_cache"]
+    if not fused_rope(config):  # rotate q and k first; GroupQueryAttention then only attends
+        q, k = (g.node("RotaryEmbedding", [t, "position_ids", "cos_cache", "sin_cache"], [f"{t}/rotated"],
+                       domain="com.microsoft", interleaved=0, num_heads=heads)[0]
+                for t, heads in ((q, config.num_heads), (k, config.num_kv_heads)))
+        rope_inputs = []
+    out = g.node("GroupQueryAttention", [q, k, v, past_k, past_v, "seqlens_k", "total_seq_len", *rope_inputs],
+                 [f"{p}attn/out", present_k, present_v], domain="com.microsoft",
+                 do_rotary=int(fused_rope(config)), **attrs)[0]
     return g.linear(out, weight(p + "self_attn.o_proj.weight"), p + "self_attn.o_proj")
 
 
@@ -315,6 +326,7 @@ def genai_config(config: ModelConfig, tokenizer, context_length: int, ep: str = 
                 "head_size": config.head_dim,
                 "hidden_size": config.hidden_size,
                 "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           **({} if fused_rope(config) else {"position_ids": "position_ids"}),
                            "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
                 "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
                             "present_value_names": "present.%d.value"},

@@ -24,6 +24,7 @@ CASES = {
                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
     "mistral-window": ("mistral", dict(sliding_window=7)),
     "qwen2-bias-tied": ("qwen2", dict(tie_word_embeddings=True)),
+    "llama-head-8-unfused-rope": ("llama", dict(head_dim=8, rope_scaling={"rope_type": "linear", "factor": 2.0})),
 }
 
 
@@ -37,6 +38,8 @@ def _export(tmp_path, tokenizer_files, arch: str, overrides: dict, **kwargs):
 
 def _run(session, ids: np.ndarray, past: dict, total: int, layers: int) -> dict:
     feeds = {"input_ids": ids, "attention_mask": np.ones((ids.shape[0], total), np.int64), **past}
+    if "position_ids" in {i.name for i in session.get_inputs()}:  # the unfused-RoPE graph
+        feeds["position_ids"] = np.broadcast_to(np.arange(total - ids.shape[1], total), ids.shape).copy()
     names = [o.name for o in session.get_outputs()]
     out = dict(zip(names, session.run(None, feeds), strict=True))
     return out, {f"past_key_values.{i}.{kv}": out[f"present.{i}.{kv}"] for i in range(layers) for kv in ("key", "value")}
@@ -103,8 +106,8 @@ def test_genai_config_describes_the_graph(tmp_path, sp_tokenizer_files):
 
 
 def test_unexportable_models_are_refused_before_writing(tmp_path):
-    make_hf_model(tmp_path / "narrow", "llama", head_dim=8)
-    with pytest.raises(UnsupportedModelError, match="multiple of 16"):
+    make_hf_model(tmp_path / "narrow", "qwen2", use_sliding_window=True, sliding_window=5, max_window_layers=1)
+    with pytest.raises(UnsupportedModelError, match="per-layer sliding windows"):
         write_onnx(open_hf_checkpoint(tmp_path / "narrow"), tmp_path / "out", "f32")
     make_hf_mamba(tmp_path / "mamba", "mamba")
     with pytest.raises(UnsupportedModelError, match="mamba"):
@@ -237,3 +240,38 @@ def test_llm_int8_gguf_exports_codes_and_outliers(tmp_path, sp_tokenizer_files):
     with torch.no_grad():
         expected = ours(ids).numpy()
     assert np.abs(_logits_through(session, ids.numpy(), checkpoint.config) - expected).max() <= TOL
+
+
+def _genai_greedy(og, folder, prompt: list[int], steps: int) -> list[int]:
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + steps, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    while not generator.is_done():
+        generator.generate_next_token()
+    return [int(t) for t in generator.get_sequence(0)][len(prompt):]
+
+
+@pytest.mark.parametrize("target", ["f32", "q8_0"])
+def test_stories260k_unfused_rope_through_onnxruntime_genai(tmp_path, shared_dir, target):
+    """A trained model with head size 8: RotaryEmbedding nodes and position_ids instead of GQA's fused RoPE."""
+    og = pytest.importorskip("onnxruntime_genai")
+    from kilnlm import Engine
+
+    folder = shared_dir / "checkpoints/stories260K-hf"
+    checkpoint = open_hf_checkpoint(folder)
+    write_onnx(checkpoint, tmp_path / "onnx", target, source_folder=folder, context_length=128, accuracy_level=1)
+    assert "position_ids" in json.loads((tmp_path / "onnx" / "genai_config.json").read_text())["model"]["decoder"][
+        "inputs"]
+    prompt = [1]
+    theirs = _genai_greedy(og, tmp_path / "onnx", prompt, 32)
+    source = folder
+    if target != "f32":  # kilnlm on the same rounded weights
+        from kilnlm.export.gguf import write_gguf
+
+        source = tmp_path / "m.gguf"
+        write_gguf(checkpoint, source, target)
+    engine = Engine.load(source, progress=False)
+    engine.generate(prompt, max_tokens=32, temperature=0, ignore_eos=True)
+    assert theirs == engine.last_stats.token_ids
