@@ -110,12 +110,14 @@ def _load(args: argparse.Namespace, model: str | None):
     started = time.perf_counter()
     engine = Engine.load(path, device=args.device, dtype=args.dtype, context_length=args.ctx,
                          allow_pickle=args.allow_pickle, **_cache_kwargs(args))
-    weights = sum(t.numel() * t.element_size() for t in [*engine.model.parameters(), *engine.model.buffers()])
+    from kilnlm.runtime.bench import weight_bytes
+
+    weights = weight_bytes(engine.model)
     cache = engine.cache  # allocated now, as llama.cpp does, so the figure is real
     state = cache.state_nbytes()
     kv = cache.nbytes() - state
     where = f"{args.device}"
-    if engine.model.embed_tokens.weight.is_cuda:
+    if next(engine.model.parameters()).is_cuda:
         import torch
 
         where += f", {torch.cuda.memory_allocated() / 2**20:.0f} MiB of GPU memory allocated"

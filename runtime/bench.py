@@ -98,9 +98,22 @@ def synthetic_model(config: ModelConfig, device: torch.device, dtype: torch.dtyp
     return build_model(config, tensors(), device=device, dtype=dtype, source="synthetic")
 
 
+def weight_bytes(model: nn.Module) -> int:
+    """Memory held by the model's weights (an ONNX model's are in its onnxruntime session and files)."""
+    from kilnlm.runtime.onnx_decoder import OnnxDecoder
+
+    if isinstance(model, OnnxDecoder):
+        return model.weight_bytes()
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
 def weight_bytes_per_token(model: nn.Module) -> int:
     """Bytes decode reads per token: every parameter and buffer of the layers and head (one embedding row only)."""
-    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    from kilnlm.runtime.onnx_decoder import OnnxDecoder
+
+    total = weight_bytes(model)
+    if isinstance(model, OnnxDecoder):  # its files' size, the whole embedding table included
+        return total
     embedding = model.embed_tokens.weight
     if model.lm_head is not None:  # an untied embedding table is only read one row per token
         total -= embedding.numel() * embedding.element_size()

@@ -26,6 +26,7 @@ from kilnlm.runtime.chat import ChatTemplate
 from kilnlm.runtime.config import ModelConfig
 from kilnlm.runtime.generate import GenerationParams, GenerationStats, Generator
 from kilnlm.runtime.models import build_model, model_class
+from kilnlm.runtime.onnx_decoder import is_onnx_folder, load_onnx_folder
 from kilnlm.runtime.sampling import SamplingParams
 from kilnlm.runtime.tokenizer import Tokenizer
 
@@ -93,7 +94,8 @@ class Engine:
         kv_rotation: bool = True,
         paged_kv: bool = False,
     ) -> Engine:
-        """Load an HF checkpoint folder or a GGUF file onto `device` in `dtype` ('auto', 'float32', 'bf16', ...).
+        """Load an HF checkpoint folder, a GGUF file or an ONNX folder (`kiln export`'s, or onnxruntime-genai's
+        builder's) onto `device` in `dtype` ('auto', 'float32', 'bf16', ...; an ONNX graph keeps its own).
 
         `packed_weights` keeps a GGUF file's Q4_0/Q4_1/Q8_0 block linears packed and multiplies through
         them (the default on CUDA, where the Triton kernels run); otherwise they are dequantised at load.
@@ -106,6 +108,15 @@ class Engine:
 
         path = Path(path)
         device = _device(device)
+        kv_options = {"k_type": k_type or kv_type, "v_type": v_type or kv_type, "rotate": kv_rotation}
+        if paged_kv:
+            kv_options["paged"] = True
+        if is_onnx_folder(path):  # onnxruntime runs the graph; its dtype and KV type are the graph's own
+            model = load_onnx_folder(path, device)
+            model.new_cache(1, **kv_options)  # refuses KV options before anything runs
+            context = _context_length(model.config, context_length)
+            return cls(model, Tokenizer.from_hf_folder(path), context_length=context, source=str(path),
+                       kv_options=kv_options)
         checkpoint = open_checkpoint(path, allow_pickle=allow_pickle)
         tokenizer = checkpoint.tokenizer()
         config = checkpoint.config
@@ -120,9 +131,6 @@ class Engine:
             disable=not progress,
             leave=False,
         )
-        kv_options = {"k_type": k_type or kv_type, "v_type": v_type or kv_type, "rotate": kv_rotation}
-        if paged_kv:
-            kv_options["paged"] = True
         model_dtype = resolve_dtype(dtype, device)
         with torch.device("meta"):  # refuse bad cache options before the (slow) weights load, allocating nothing
             model_class(config)(config).new_cache(1, **kv_options)

@@ -275,3 +275,42 @@ def test_stories260k_unfused_rope_through_onnxruntime_genai(tmp_path, shared_dir
     engine = Engine.load(source, progress=False)
     engine.generate(prompt, max_tokens=32, temperature=0, ignore_eos=True)
     assert theirs == engine.last_stats.token_ids
+
+
+# --------------------------------------------------------------------------------------------- runtime
+
+
+def test_engine_runs_an_onnx_folder_like_the_torch_model(tmp_path, sp_tokenizer_files):
+    from kilnlm import Engine
+    from kilnlm.runtime.perplexity import perplexity
+
+    _export(tmp_path, sp_tokenizer_files, "llama", {})
+    torch_engine = Engine.load(tmp_path / "hf", progress=False)
+    onnx_engine = Engine.load(tmp_path / "onnx", progress=False)
+    prompt = "Once upon a time there was a little cat"
+    expected = torch_engine.generate(prompt, max_tokens=20, temperature=0, ignore_eos=True)
+    assert onnx_engine.generate(prompt, max_tokens=20, temperature=0, ignore_eos=True) == expected
+
+    # The next turn runs only its new tokens (the KV arrays are cut back to the shared prefix) and agrees.
+    ids = onnx_engine.tokenizer.encode(prompt, add_bos=True) + onnx_engine.last_stats.token_ids
+    follow = ids + onnx_engine.tokenizer.encode(" who liked", add_bos=False)
+    answer = onnx_engine.generate(follow, max_tokens=10, temperature=0, ignore_eos=True)
+    assert onnx_engine.last_stats.reused_tokens == len(ids) - 1
+    assert answer == torch_engine.generate(follow, max_tokens=10, temperature=0, ignore_eos=True)
+
+    text = "Once upon a time there was a little cat who liked to play in the garden. " * 20
+    ours = perplexity(torch_engine.model, torch_engine.tokenizer, text, ctx=32, chunks=4)
+    theirs = perplexity(onnx_engine.model, onnx_engine.tokenizer, text, ctx=32, chunks=4)
+    assert abs(theirs.ppl / ours.ppl - 1) < 1e-4
+
+
+def test_cli_generate_and_bench_on_an_onnx_folder(tmp_path, sp_tokenizer_files):
+    from test_cli import run_kiln
+
+    _export(tmp_path, sp_tokenizer_files, "qwen2", dict(tie_word_embeddings=True))
+    generated = run_kiln("generate", str(tmp_path / "onnx"), "-p", "Once upon a time", "-n", "8", "--temperature", "0")
+    assert generated.returncode == 0 and generated.stdout, generated.stderr
+    bench = run_kiln("bench", str(tmp_path / "onnx"), "--prompt-tokens", "16", "--new-tokens", "4")
+    assert bench.returncode == 0 and "decode" in bench.stdout, bench.stderr
+    refused = run_kiln("generate", str(tmp_path / "onnx"), "-p", "x", "--cache-type-k", "q8_0")
+    assert refused.returncode != 0 and "graph's own type" in refused.stderr
