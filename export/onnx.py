@@ -21,8 +21,8 @@ Token embeddings are gathered from float (dequantized, exact) tables.
 RoPE is fused into GroupQueryAttention when the head size is a multiple of 16 (what onnxruntime's fused
 rotary accepts); otherwise q and k go through separate `RotaryEmbedding` nodes fed by a `position_ids` input.
 
-Not yet here (see the ONNX issue): GatherBlockQuantized embeddings, tokenizer.json for SentencePiece models,
-and the runtime path that runs a folder through onnxruntime behind Engine.
+The folder's tokenizer.json (which onnxruntime-genai needs) is the source's own, or written for SentencePiece
+models (export/tokenizer_json.py). Not yet here (see the ONNX issue): GatherBlockQuantized embeddings.
 """
 
 from __future__ import annotations
@@ -348,6 +348,34 @@ def genai_config(config: ModelConfig, tokenizer, context_length: int, ep: str = 
     }
 
 
+def _write_tokenizer(tokenizer, folder: Path, source_folder: Path | None) -> None:
+    """The tokenizer files onnxruntime-genai (tokenizer.json) and kilnlm (either file + tokenizer_config.json)
+    read: an HF source's own files, plus a tokenizer.json written for SentencePiece models that have none."""
+    from kilnlm.export.tokenizer_json import tokenizer_json
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json"):
+        if source_folder is not None and (source_folder / name).is_file():
+            shutil.copyfile(source_folder / name, folder / name)
+    if not (folder / "tokenizer.json").is_file():
+        (folder / "tokenizer.json").write_text(tokenizer_json(tokenizer), encoding="utf-8")
+    if not (folder / "tokenizer_config.json").is_file():  # a GGUF source: its special tokens and template
+        pieces = tokenizer_pieces(tokenizer)
+        settings = {"bos_token": pieces(tokenizer.bos_id), "eos_token": pieces(tokenizer.eos_ids[0] if
+                                                                              tokenizer.eos_ids else None),
+                    "add_bos_token": tokenizer.add_bos, "chat_template": tokenizer.chat_template,
+                    "tokenizer_class": "LlamaTokenizerFast"}
+        (folder / "tokenizer_config.json").write_text(
+            json.dumps({k: v for k, v in settings.items() if v is not None}, indent=2) + "\n", encoding="utf-8")
+
+
+def tokenizer_pieces(tokenizer):
+    """id -> the token's text (None for None), from the tokenizer's GGUF-form vocabulary."""
+    from kilnlm.runtime.gguf_vocab import gguf_vocab_from_tokenizer
+
+    tokens = gguf_vocab_from_tokenizer(tokenizer).tokens
+    return lambda token_id: None if token_id is None else tokens[token_id]
+
+
 def write_onnx(checkpoint, out_dir: str | Path, target: str = "f32", *, ep: str = "cpu",
                accuracy_level: int | None = None, source_folder: Path | None = None,
                context_length: int | None = None) -> OnnxSummary:
@@ -383,9 +411,7 @@ def write_onnx(checkpoint, out_dir: str | Path, target: str = "f32", *, ep: str 
         context = context_length or config.max_position_embeddings
         settings = genai_config(config, checkpoint.tokenizer(), context, ep)
         (tmp / "genai_config.json").write_text(json.dumps(settings, indent=4) + "\n", encoding="utf-8")
-        for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json"):
-            if source_folder is not None and (source_folder / name).is_file():
-                shutil.copyfile(source_folder / name, tmp / name)
+        _write_tokenizer(checkpoint.tokenizer(), tmp, source_folder)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -290,6 +290,23 @@ def gguf_vocab_from_tokenizer(tokenizer: Tokenizer) -> GGUFVocab:
     return vocab
 
 
+def spm_whitespace_rules(tokenizer: Tokenizer) -> tuple[bool, bool] | None:
+    """(add_dummy_prefix, remove_extra_whitespaces) of a SentencePiece tokenizer's model, None for other kinds.
+
+    GGUF vocabularies leave these out for Llama-style models (as convert_hf_to_gguf does); a tokenizer.json
+    written for the same model needs them to tokenize as SentencePiece does.
+    """
+    stored = getattr(tokenizer.backend, "gguf_vocab", None)
+    if stored is not None:
+        if stored.model != "llama":
+            return None
+        return stored.add_space_prefix is not False, bool(stored.remove_extra_whitespaces)
+    if not isinstance(tokenizer.model_file, bytes):
+        return None
+    spm = _parse_spm_model(tokenizer.model_file)
+    return spm.add_dummy_prefix, spm.remove_extra_whitespaces
+
+
 def _looks_special(content: str) -> bool:
     """convert_hf_to_gguf's does_token_look_special: added tokens some models forget to mark special."""
     return (

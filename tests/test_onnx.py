@@ -101,8 +101,9 @@ def test_genai_config_describes_the_graph(tmp_path, sp_tokenizer_files):
     assert decoder["inputs"]["past_key_names"] == "past_key_values.%d.key"
     assert decoder["session_options"]["provider_options"] == [{"cuda": {}}]
     assert settings["model"]["context_length"] == 48 and settings["search"]["max_length"] == 48
-    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == [
-        "genai_config.json", "model.onnx", "model.onnx.data", "tokenizer.model", "tokenizer_config.json"]
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == [  # tokenizer.json written for genai
+        "genai_config.json", "model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer.model",
+        "tokenizer_config.json"]
 
 
 def test_unexportable_models_are_refused_before_writing(tmp_path):
@@ -314,3 +315,46 @@ def test_cli_generate_and_bench_on_an_onnx_folder(tmp_path, sp_tokenizer_files):
     assert bench.returncode == 0 and "decode" in bench.stdout, bench.stderr
     refused = run_kiln("generate", str(tmp_path / "onnx"), "-p", "x", "--cache-type-k", "q8_0")
     assert refused.returncode != 0 and "graph's own type" in refused.stderr
+
+
+# --------------------------------------------------------------------------------------------- tokenizer.json
+
+
+SAMPLES = ["Once upon a time", "ROMEO:\nWhat light through yonder window breaks?", "  leading and  double spaces ",
+           "tabs\tand\nnewlines", "ünïcödé 日本語 🎉", "digits 12345", ""]  # special-token text in prompts: see note
+
+
+def test_tokenizer_json_for_sentencepiece_encodes_and_decodes_as_kilnlm():
+    from tokenizers import Tokenizer as FastTokenizer
+
+    from kilnlm.export.tokenizer_json import tokenizer_json
+    from kilnlm.runtime.engine import demo_model_path
+    from kilnlm.runtime.tokenizer import Tokenizer
+
+    ours = Tokenizer.from_hf_folder(demo_model_path())
+    fast = FastTokenizer.from_str(tokenizer_json(ours))
+    text = (demo_model_path() / "TRAINING.md").read_text(encoding="utf-8")
+    # Text that spells a special token ("<s>") is left out: around one, tokenizers and SentencePiece place the
+    # "▁" of the next word differently (a known edge, not a model difference).
+    for sample in SAMPLES + [line for line in text.splitlines() if "<" not in line]:
+        ids = ours.encode(sample, add_bos=False)
+        assert fast.encode(sample, add_special_tokens=False).ids == ids, sample
+        assert fast.decode(ids) == ours.decode(ids)
+
+
+def test_gguf_source_folder_gets_tokenizer_files_that_genai_and_kilnlm_agree_on(tmp_path, shared_dir):
+    from kilnlm import Engine
+    from kilnlm.export.gguf import GGUFCheckpoint
+
+    source = shared_dir / "checkpoints/stories260K-llamacpp/stories260K-f32.gguf"
+    write_onnx(GGUFCheckpoint(source), tmp_path / "onnx", "f32", context_length=128)
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (tmp_path / "onnx").iterdir()}
+    onnx_engine, gguf_engine = Engine.load(tmp_path / "onnx", progress=False), Engine.load(source, progress=False)
+    for sample in SAMPLES:
+        assert onnx_engine.tokenizer.encode(sample) == gguf_engine.tokenizer.encode(sample), sample
+    assert (onnx_engine.generate("Once upon a time", max_tokens=24, temperature=0)
+            == gguf_engine.generate("Once upon a time", max_tokens=24, temperature=0))
+    og = pytest.importorskip("onnxruntime_genai")
+    genai = og.Tokenizer(og.Model(str(tmp_path / "onnx")))
+    for sample in SAMPLES[:2]:
+        assert [int(t) for t in genai.encode(sample)] == gguf_engine.tokenizer.encode(sample, add_bos=False)
