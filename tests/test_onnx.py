@@ -254,7 +254,7 @@ def _genai_greedy(og, folder, prompt: list[int], steps: int) -> list[int]:
     return [int(t) for t in generator.get_sequence(0)][len(prompt):]
 
 
-@pytest.mark.parametrize("target", ["f32", "q8_0"])
+@pytest.mark.parametrize("target", ["f32", "q8_0", "q4_0"])
 def test_stories260k_unfused_rope_through_onnxruntime_genai(tmp_path, shared_dir, target):
     """A trained model with head size 8: RotaryEmbedding nodes and position_ids instead of GQA's fused RoPE."""
     og = pytest.importorskip("onnxruntime_genai")
@@ -358,3 +358,42 @@ def test_gguf_source_folder_gets_tokenizer_files_that_genai_and_kilnlm_agree_on(
     genai = og.Tokenizer(og.Model(str(tmp_path / "onnx")))
     for sample in SAMPLES[:2]:
         assert [int(t) for t in genai.encode(sample)] == gguf_engine.tokenizer.encode(sample, add_bos=False)
+
+
+def test_gptq_file_export_keeps_its_perplexity_and_greedy_tokens(tmp_path, shared_dir):
+    """A GPTQ Q4_0 GGUF exported to ONNX: perplexity within 0.1% of the GGUF's and genai's greedy tokens equal."""
+    from kilnlm import Engine
+    from kilnlm.export.gguf import GGUFCheckpoint, write_gguf
+    from kilnlm.quant.gptq import gptq_quantizer
+    from kilnlm.runtime.perplexity import perplexity
+
+    folder = shared_dir / "checkpoints/stories260K-hf"
+    text = (shared_dir / "text/calibration/tiny.txt").read_text(encoding="utf-8")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(text[:20_000], encoding="utf-8")
+    hf = open_hf_checkpoint(folder)
+    gguf_path = tmp_path / "gptq-q4_0.gguf"
+    write_gguf(hf, gguf_path, "q4_0", quantizer=gptq_quantizer(hf, calib_files=[str(calib)], nsamples=8, seqlen=64))
+    write_onnx(GGUFCheckpoint(gguf_path), tmp_path / "onnx", "f32", context_length=256, accuracy_level=1)
+    gguf_engine, onnx_engine = Engine.load(gguf_path, progress=False), Engine.load(tmp_path / "onnx", progress=False)
+    scored = text[-30_000:]
+    ours = perplexity(gguf_engine.model, gguf_engine.tokenizer, scored, ctx=128, chunks=6, batch=2)
+    theirs = perplexity(onnx_engine.model, onnx_engine.tokenizer, scored, ctx=128, chunks=6, batch=2)
+    assert abs(theirs.ppl / ours.ppl - 1) < 1e-3
+    og = pytest.importorskip("onnxruntime_genai")
+    gguf_engine.generate([1], max_tokens=32, temperature=0, ignore_eos=True)
+    assert _genai_greedy(og, tmp_path / "onnx", [1], 32) == gguf_engine.last_stats.token_ids
+
+
+def test_decode_benchmark_dry_run_reports_all_three_paths():
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "onnx_decode.py"), "--dry-run", "--json"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert set(report["decode_tokens_per_s"]) == {"kilnlm_torch", "onnxruntime", "onnxruntime_genai"}
+    assert report["decode_tokens_per_s"]["onnxruntime"] > 0 and report["bandwidth_gb_per_s"] > 0
