@@ -402,11 +402,13 @@ class GGUFCheckpoint:
             quantized = self.packed(name) if packed else None
             yield name, quantized if quantized is not None else self.tensor(name)
 
-    def packed(self, name: str) -> QuantizedTensor | None:
-        """A block linear's weight as stored, if it is Q4_0 / Q4_1 / Q8_0 (rows back in HF order)."""
+    def packed(self, name: str, *, linears_only: bool = True) -> QuantizedTensor | None:
+        """A block linear's weight as stored, if it is Q4_0 / Q4_1 / Q8_0 (rows back in HF order); with
+        `linears_only` False also the token embedding and output matrices."""
         info = self.file.tensors[self._names[name]]
         fmt = format_for_gguf_type(info.ggml_type)
-        if fmt.name not in PACKED_RUNTIME_FORMATS or not name.startswith("layers.") or len(info.shape) != 2:
+        if fmt.name not in PACKED_RUNTIME_FORMATS or len(info.shape) != 2 or (
+                linears_only and not name.startswith("layers.")):
             return None
         data = self.file.raw(info.name).reshape(fmt.packed_shape(info.shape))
         heads = _qk_heads(self.config, name)

@@ -16,13 +16,14 @@ Quantized linears keep their exact values in `MatMulNBits` (com.microsoft):
 - LLM.int8: bits 8 with each row's scale in every block, outlier columns zero in the codes; the fp16 outlier
   columns are a Gather of the activation columns and a small MatMul, added. The activations stay float (the
   kilnlm runtime quantizes them to int8 per token), so the two agree as float x dequantized weights.
-Token embeddings are gathered from float (dequantized, exact) tables.
+Q4_0 / Q8_0 token embeddings are read by `GatherBlockQuantized` from the same repacked blocks (exact); Q4_1
+and float ones by a float Gather.
 
 RoPE is fused into GroupQueryAttention when the head size is a multiple of 16 (what onnxruntime's fused
 rotary accepts); otherwise q and k go through separate `RotaryEmbedding` nodes fed by a `position_ids` input.
 
 The folder's tokenizer.json (which onnxruntime-genai needs) is the source's own, or written for SentencePiece
-models (export/tokenizer_json.py). Not yet here (see the ONNX issue): GatherBlockQuantized embeddings.
+models (export/tokenizer_json.py).
 """
 
 from __future__ import annotations
@@ -186,7 +187,8 @@ def _weights(checkpoint, target: str):
     def weight(name: str):
         if int8_weight is not None and (stored := int8_weight(name)) is not None:
             return stored
-        if packed is not None and (stored := packed(name)) is not None and stored.format.name in NBITS_TYPES:
+        if packed is not None and (stored := packed(name, linears_only=False)) is not None and \
+                stored.format.name in NBITS_TYPES:
             return stored
         tensor = checkpoint.tensor(name)
         if target in NBITS_TYPES:
@@ -239,11 +241,7 @@ def _build_graph(checkpoint, target: str, ep: str, accuracy_level: int):
     g.weight("cos_cache", cos.astype(dtype))
     g.weight("sin_cache", sin.astype(dtype))
 
-    embedding = weight("embed_tokens.weight")  # rounded like the GGUF writer's when the target is a block type
-    if isinstance(embedding, QuantizedTensor):
-        embedding = embedding.dequantize()  # gathered from the exact dequantized rows (GatherBlockQuantized: to do)
-    table = g.weight("embed_tokens.weight", embedding.numpy().astype(dtype))
-    x = g.node("Gather", [table, "input_ids"], ["embeddings"])[0]
+    x = _embed(g, weight("embed_tokens.weight"))
     residual = None
     for i in range(config.num_layers):
         p = f"layers.{i}."
@@ -265,6 +263,24 @@ def _build_graph(checkpoint, target: str, ep: str, accuracy_level: int):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                    helper.make_opsetid("com.microsoft", 1)],
                              producer_name="kilnlm")
+
+
+def _embed(g: _Graph, embedding) -> str:
+    """Token embeddings of input_ids: GatherBlockQuantized from Q4_0 / Q8_0 rows (exact), else a float Gather
+    (Q4_1's d * q + m has no exact zero point, so its rows are dequantized, exactly, to floats)."""
+    if isinstance(embedding, QuantizedTensor) and embedding.format.name in ("q4_0", "q8_0"):
+        rows, cols = embedding.shape
+        blocks = embedding.data.numpy().reshape(rows, cols // 32, embedding.format.bytes_per_block)
+        bits = 4 if embedding.format.name == "q4_0" else 8
+        codes = _nbits_nibbles(blocks[..., 2:]) if bits == 4 else blocks[..., 2:] ^ 0x80
+        data = g.weight("embed_tokens.qweight", codes.reshape(rows, -1))
+        scales = g.weight("embed_tokens.scales", _fp16_field(blocks, 0).astype(g.dtype))
+        return g.node("GatherBlockQuantized", [data, "input_ids", scales], ["embeddings"], domain="com.microsoft",
+                      block_size=32, gather_axis=0, quantize_axis=1, bits=bits)[0]
+    if isinstance(embedding, QuantizedTensor):
+        embedding = embedding.dequantize()
+    table = g.weight("embed_tokens.weight", embedding.numpy().astype(g.dtype))
+    return g.node("Gather", [table, "input_ids"], ["embeddings"])[0]
 
 
 def _norm(g: _Graph, x: str, residual: str | None, weight: torch.Tensor, eps: float, name: str) -> tuple[str, str]:

@@ -397,3 +397,25 @@ def test_decode_benchmark_dry_run_reports_all_three_paths():
     report = json.loads(result.stdout)
     assert set(report["decode_tokens_per_s"]) == {"kilnlm_torch", "onnxruntime", "onnxruntime_genai"}
     assert report["decode_tokens_per_s"]["onnxruntime"] > 0 and report["bandwidth_gb_per_s"] > 0
+
+
+@pytest.mark.parametrize("target", ["q4_0", "q8_0"])
+def test_quantized_token_embeddings_use_gather_block_quantized(tmp_path, sp_tokenizer_files, target):
+    import onnx
+
+    from kilnlm.export.gguf import GGUFCheckpoint, write_gguf
+
+    make_hf_model(tmp_path / "hf", "llama", vocab_size=TOKENIZER_VOCAB, intermediate_size=128)  # untied embedding
+    add_tokenizer(tmp_path / "hf", sp_tokenizer_files)
+    write_gguf(open_hf_checkpoint(tmp_path / "hf"), tmp_path / "m.gguf", target)
+    checkpoint = GGUFCheckpoint(tmp_path / "m.gguf")
+    assert checkpoint.tensor_format("embed_tokens.weight").name == target
+    write_onnx(checkpoint, tmp_path / "onnx", "f32", accuracy_level=1)
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph
+    assert "GatherBlockQuantized" in {node.op_type for node in graph.node}
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    ours = build_model(checkpoint.config, checkpoint.tensors())
+    ids = torch.randint(0, TOKENIZER_VOCAB, (1, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = ours(ids).numpy()
+    assert np.abs(_logits_through(session, ids.numpy(), checkpoint.config) - expected).max() <= TOL
