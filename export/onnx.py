@@ -106,12 +106,13 @@ class _Graph:
         return out
 
     def _matmul_nbits(self, x: str, name: str, codes: np.ndarray, scales: np.ndarray, bits: int, block: int,
-                      zero_points: np.ndarray | None = None) -> str:
+                      zero_points: np.ndarray | None = None, columns: int | None = None) -> str:
         rows, blocks, _ = codes.shape
         inputs = [x, self.weight(f"{name}.qweight", codes), self.weight(f"{name}.scales", scales.astype(self.dtype))]
         if zero_points is not None:
             inputs.append(self.weight(f"{name}.zero_points", zero_points))
-        return self.node("MatMulNBits", inputs, [f"{name}/out"], domain="com.microsoft", K=blocks * block, N=rows,
+        return self.node("MatMulNBits", inputs, [f"{name}/out"], domain="com.microsoft", K=columns or blocks * block,
+                         N=rows,
                          bits=bits, block_size=block, accuracy_level=self.accuracy_level)[0]
 
     def _nbits(self, x: str, weight: QuantizedTensor, name: str) -> str:
@@ -142,12 +143,13 @@ class _Graph:
                                         "graph; export with --type f32 --ep cpu")
         codes = weight.weight_int8.numpy()  # (N, K) int8, outlier columns 0
         rows, cols = codes.shape
-        block = 32 if cols % 32 == 0 else None
-        if block is None:
-            raise UnsupportedModelError(f"{name}: LLM.int8 rows of {cols} features are not a multiple of 32")
-        scales = np.repeat(weight.row_scale.numpy()[:, None], cols // block, axis=1)  # each row's scale per block
-        main = self._matmul_nbits(x, name, codes.view(np.uint8).reshape(rows, cols // block, block) ^ 0x80,
-                                  scales, 8, block)
+        block = 32
+        blocks = -(-cols // block)  # MatMulNBits pads the last block of a row; padded codes are 0
+        padded = np.zeros((rows, blocks * block), np.int8)
+        padded[:, :cols] = codes
+        scales = np.repeat(weight.row_scale.numpy()[:, None], blocks, axis=1)  # each row's scale in every block
+        main = self._matmul_nbits(x, name, padded.view(np.uint8).reshape(rows, blocks, block) ^ 0x80, scales, 8,
+                                  block, columns=cols)
         if weight.outlier_idx.numel() == 0:
             return main
         idx = self.weight(f"{name}.outlier_idx", weight.outlier_idx.numpy().astype(np.int64))

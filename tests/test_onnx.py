@@ -163,15 +163,15 @@ def test_llm_int8_codes_and_outlier_columns(tmp_path):
     from kilnlm.export.onnx import _Graph
     from kilnlm.quant.llm_int8 import quantize_llm_int8
 
-    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    weight = torch.randn(16, 72, generator=torch.Generator().manual_seed(0))  # 72: a padded last block
     int8 = quantize_llm_int8(weight, torch.tensor([5, 40]), 6.0)
     g = _Graph(np.float32, accuracy_level=0)
     g.node("Identity", [g.linear("x", int8, "w")], ["y"])
-    graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 64])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 16])], g.initializers)
+    graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [72, 72])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [72, 16])], g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    (result,) = session.run(None, {"x": np.eye(64, dtype=np.float32)})
+    (result,) = session.run(None, {"x": np.eye(72, dtype=np.float32)})
     assert np.array_equal(result, int8.dequantize().t().numpy())
 
 
@@ -419,3 +419,29 @@ def test_quantized_token_embeddings_use_gather_block_quantized(tmp_path, sp_toke
     with torch.no_grad():
         expected = ours(ids).numpy()
     assert np.abs(_logits_through(session, ids.numpy(), checkpoint.config) - expected).max() <= TOL
+
+
+def test_llm_int8_file_through_onnxruntime_genai(tmp_path, shared_dir):
+    """LLM.int8 codes + fp16 outlier columns: genai's greedy tokens equal kilnlm's float-activation model on the
+    same weights (kilnlm's own runtime quantizes activations to int8, which the ONNX graph does not)."""
+    og = pytest.importorskip("onnxruntime_genai")
+    from kilnlm.export.gguf import GGUFCheckpoint, write_gguf
+    from kilnlm.quant.llm_int8 import llm_int8_quantizer
+
+    folder = shared_dir / "checkpoints/stories260K-hf"
+    calib = tmp_path / "calib.txt"
+    calib.write_text((shared_dir / "text/calibration/tiny.txt").read_text(encoding="utf-8")[:20_000])
+    hf = open_hf_checkpoint(folder)
+    write_gguf(hf, tmp_path / "int8.gguf", "f16",
+               quantizer=llm_int8_quantizer(hf, calib_files=[str(calib)], nsamples=8, seqlen=64))
+    checkpoint = GGUFCheckpoint(tmp_path / "int8.gguf")
+    write_onnx(checkpoint, tmp_path / "onnx", "f32", context_length=64, accuracy_level=1)
+    ours = build_model(checkpoint.config, checkpoint.tensors())
+    cache = ours.new_cache(64)
+    tokens = []
+    with torch.no_grad():
+        logits = ours(torch.tensor([[1]]), cache)[0, -1]
+        for _ in range(32):
+            tokens.append(int(logits.argmax()))
+            logits = ours(torch.tensor([[tokens[-1]]]), cache)[0, -1]
+    assert _genai_greedy(og, tmp_path / "onnx", [1], 32) == tokens
