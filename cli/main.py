@@ -415,7 +415,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     checkpoint = open_checkpoint(source, allow_pickle=args.allow_pickle)
     summary = write_onnx(checkpoint, args.output, args.type, ep=args.ep, accuracy_level=args.accuracy_level,
                          context_length=args.ctx, source_folder=source if source.is_dir() else None)
-    _info(f"wrote {summary.folder}: {summary.bytes / 2**20:.2f} MiB, {args.type} weights, {summary.seconds:.1f}s")
+    _info(f"wrote {summary.folder}: {summary.bytes / 2**20:.2f} MiB (--type {args.type} for float-stored weights; "
+          f"block-quantized ones as stored), {summary.seconds:.1f}s")
     return 0
 
 
