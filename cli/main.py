@@ -28,6 +28,12 @@ QUANTIZE_EXAMPLE = """examples:
       --model-samples 128 --tune-steps 300
   kiln quantize ./Llama-3.2-1B -o llama1b-int8.gguf --method llm-int8 --calib wiki.txt
 """
+SERVE_EXAMPLE = """examples:
+  kiln serve llama1b-q4_0.gguf --port 8080
+  kiln serve ./Qwen2-0.5B-Instruct --host 0.0.0.0 --api-key "$KEY"     # beyond loopback only with a key
+  python -c "from openai import OpenAI; c = OpenAI(base_url='http://127.0.0.1:8080/v1', api_key='x'); \\
+print(c.chat.completions.create(model='kilnlm', messages=[{'role': 'user', 'content': 'Hi'}]).choices[0].message.content)"
+"""
 EXPORT_EXAMPLE = """examples:
   kiln export ./Llama-3.2-1B-Instruct -o llama1b-onnx --format onnx --type f16 --ep cuda
   kiln export ./Qwen2-0.5B -o qwen-onnx                    # f32, CPU
@@ -420,6 +426,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """kiln serve: an OpenAI-compatible server on loopback."""
+    from pathlib import Path
+
+    from kilnlm.runtime.server import ServerSettings, serve
+
+    settings = ServerSettings(host=args.host, port=args.port, api_key=args.api_key,
+                              allowed_origins=tuple(args.allow_origin), max_tokens_cap=args.max_tokens_cap,
+                              queue_cap=args.queue_cap, model_name=args.model_name or Path(args.model or "demo").name)
+    settings.check()  # before the (slow) load
+    engine = _load(args, args.model)
+    _info(f"serving {settings.model_name} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)")
+    serve(engine, settings)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every `kiln` subcommand."""
     parser = argparse.ArgumentParser(prog="kiln", description="kilnlm: quantize and run LLMs locally.",
@@ -451,6 +473,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_options(demo, temperature=0.8)
     demo.set_defaults(max_tokens=200, seed=0)
     _add_model_options(demo)
+
+    server = add("serve", cmd_serve, "Serve a model over an OpenAI-compatible HTTP API on loopback.", SERVE_EXAMPLE)
+    server.add_argument("model", nargs="?", default=None, help="HF folder, GGUF file or ONNX folder (default: demo)")
+    server.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need --api-key)")
+    server.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    server.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ routes")
+    server.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                        help="a browser origin allowed by CORS, e.g. http://localhost:3000 (repeatable)")
+    server.add_argument("--max-tokens-cap", type=int, default=4096, help="most tokens one request may generate")
+    server.add_argument("--queue-cap", type=int, default=16, help="requests waiting or running before 503s")
+    server.add_argument("--model-name", default=None, help="the model id clients see (default: the file name)")
+    _add_model_options(server)
 
     export = add("export", cmd_export, "Write an ONNX folder (model.onnx + genai_config.json) that onnxruntime "
                  "and onnxruntime-genai run.", EXPORT_EXAMPLE)

@@ -8,12 +8,20 @@
 
 One engine holds one KV cache. Every call reuses the cached tokens its prompt starts with, so the next
 turn of a conversation only runs the new messages.
+
+Threading contract: one Engine may be called from several threads. Generations run one at a time in call
+order (a streaming call holds the engine from its first piece to its last, or until the caller drops the
+iterator); `cancel()` from any thread stops the running one at its next step (between prefill chunks or decode
+steps) with finish reason "cancelled". `astream()` is the asyncio form of a streaming call. `close()` (or
+leaving a `with Engine.load(...)` block) frees the model and cache; later calls raise EngineClosedError.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -31,6 +39,10 @@ from kilnlm.runtime.sampling import SamplingParams
 from kilnlm.runtime.tokenizer import Tokenizer
 
 DEFAULT_CONTEXT = 4096
+
+
+class EngineClosedError(KilnError):
+    """The engine was closed; load the model again to use it."""
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -76,6 +88,9 @@ class Engine:
         self.kv_options = dict(kv_options or {})  # k_type, v_type, rotate: see runtime.cache.new_kv_cache
         self.last_stats = GenerationStats()
         self._cache: Cache | None = None
+        self._lock = threading.Lock()  # one generation at a time (see the threading contract above)
+        self._cancel = threading.Event()
+        self._closed = False
 
     @classmethod
     def load(
@@ -151,10 +166,37 @@ class Engine:
             self._cache = self.model.new_cache(self.context_length, **self.kv_options)
         return self._cache
 
+    def cached_tokens(self) -> int:
+        """Positions the cache holds now (read without waiting for a running generation)."""
+        cache = self._cache
+        return cache.length if cache is not None else 0
+
     def reset(self) -> None:
         """Forget the cached conversation."""
-        if self._cache is not None:
-            self._cache.reset()
+        with self._lock:
+            if self._cache is not None:
+                self._cache.reset()
+
+    def cancel(self) -> None:
+        """Stop the running generation at its next step (from any thread); no effect when none is running."""
+        self._cancel.set()
+
+    def close(self) -> None:
+        """Free the model and the cache (waits for a running generation); later calls raise EngineClosedError."""
+        self.cancel()
+        with self._lock:
+            if self._closed:
+                return
+            device = next(self.model.parameters()).device
+            self.model, self._cache, self._closed = None, None, True
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def generate(
         self,
@@ -162,17 +204,57 @@ class Engine:
         *,
         stream: bool = False,
         add_bos: bool | None = None,
+        on_finish: Callable[[GenerationStats], None] | None = None,
         **options,
     ) -> str | Iterator[str]:
         """Continue `prompt` (text or token ids); options: max_tokens, temperature, top_k, top_p, min_p,
-        repetition_penalty, seed, stop, ignore_eos. Returns the text, or an iterator of pieces with stream=True."""
+        repetition_penalty, seed, stop, ignore_eos. Returns the text, or an iterator of pieces with stream=True.
+        `on_finish(stats)` is called when the generation ends (stats of this call, whatever other threads do)."""
         ids = self.tokenizer.encode(prompt, add_bos=add_bos) if isinstance(prompt, str) else list(prompt)
-        return self._run(ids, _generation_params(**options), stream)
+        return self._run(ids, _generation_params(**options), stream, on_finish)
 
-    def chat(self, messages: list[dict], *, stream: bool = False, **options) -> str | Iterator[str]:
+    def chat(self, messages: list[dict], *, stream: bool = False,
+             on_finish: Callable[[GenerationStats], None] | None = None, **options) -> str | Iterator[str]:
         """Answer the conversation `messages` ([{"role": ..., "content": ...}, ...]) as the assistant."""
         ids = self.chat_prompt_ids(messages)
-        return self._run(ids, _generation_params(**options), stream)
+        return self._run(ids, _generation_params(**options), stream, on_finish)
+
+    async def astream(self, prompt: str | Sequence[int] | list[dict], **options) -> AsyncIterator[str]:
+        """The pieces of generate(prompt) (or chat(messages) for a list of message dicts) for asyncio code; the
+        generation runs in a worker thread at most a few pieces ahead of the consumer, and closing the async
+        iterator (a client that went away) cancels it."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue(maxsize=4)  # backpressure: a stalled consumer stalls generation
+        done = object()
+        is_chat = isinstance(prompt, list) and prompt and isinstance(prompt[0], dict)
+
+        def put(item) -> None:
+            asyncio.run_coroutine_threadsafe(queue.put(item), loop).result()
+
+        def produce() -> None:
+            try:
+                pieces = self.chat(prompt, stream=True, **options) if is_chat else \
+                    self.generate(prompt, stream=True, **options)
+                for piece in pieces:
+                    put(piece)
+            except BaseException as err:  # handed to the consumer, which raises it
+                put(err)
+            put(done)
+
+        worker = loop.run_in_executor(None, produce)
+        try:
+            while (item := await queue.get()) is not done:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if not worker.done():
+                self.cancel()
+            while not worker.done():  # let the worker finish its pending puts
+                while not queue.empty():
+                    queue.get_nowait()
+                await asyncio.sleep(0.005)
+            await worker
 
     def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
         """The conversation rendered with the chat template and tokenized, ready for the assistant's turn."""
@@ -182,16 +264,27 @@ class Engine:
         add_bos = self.tokenizer.add_bos and not (bos and text.startswith(bos))
         return self.tokenizer.encode(text, add_bos=add_bos)
 
-    def _run(self, ids: list[int], params: GenerationParams, stream: bool) -> str | Iterator[str]:
-        generator = Generator(self.model, self.tokenizer, self.cache)
-        pieces = self._track(generator, generator.stream(ids, params))
+    def _run(self, ids: list[int], params: GenerationParams, stream: bool,
+             on_finish: Callable[[GenerationStats], None] | None) -> str | Iterator[str]:
+        pieces = self._locked_stream(ids, params, on_finish)
         return pieces if stream else "".join(pieces)
 
-    def _track(self, generator: Generator, pieces: Iterator[str]) -> Iterator[str]:
-        try:
-            yield from pieces
-        finally:
-            self.last_stats = generator.stats
+    def _locked_stream(self, ids: list[int], params: GenerationParams,
+                       on_finish: Callable[[GenerationStats], None] | None) -> Iterator[str]:
+        with self._lock:
+            stats = GenerationStats(prompt_tokens=len(ids), finish_reason="error")
+            try:  # on_finish hears of every call that started, whatever happens inside it
+                if self._closed:
+                    raise EngineClosedError(f"{self.source}: the engine was closed; load the model again")
+                self._cancel.clear()  # a cancel() before this generation started is not for it
+                generator = Generator(self.model, self.tokenizer, self.cache, cancel=self._cancel)
+                try:
+                    yield from generator.stream(ids, params)
+                finally:
+                    stats = self.last_stats = generator.stats
+            finally:
+                if on_finish is not None:
+                    on_finish(stats)
 
 
 def _generation_params(

@@ -5,6 +5,7 @@ Text comes out as a stream of pieces that never split a UTF-8 character and neve
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -99,10 +100,11 @@ class _StopStringFilter:
 class Generator:
     """Runs one model over one cache: prefix reuse, chunked prefill, sampling loop, streaming text."""
 
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer, cache: Cache):
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, cache: Cache, *, cancel: threading.Event | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.cache = cache
+        self.cancel = cancel or threading.Event()  # set from another thread: stop at the next chunk or step
         self.stats = GenerationStats()
 
     @torch.inference_mode()
@@ -114,6 +116,9 @@ class Generator:
         started = time.perf_counter()
         logits = self._prefill(list(prompt_ids))
         stats.prefill_seconds = time.perf_counter() - started
+        if logits is None:  # cancelled between prefill chunks
+            stats.finish_reason = "cancelled"
+            return
         self.cache.checkpoint()  # the next turn's prompt starts with this one (recurrent layers resume here)
         try:
             yield from self._decode(logits, prompt_ids, params)
@@ -130,7 +135,7 @@ class Generator:
         eos = set() if params.ignore_eos else set(self.tokenizer.eos_ids)
         decode_started = time.perf_counter()
         stats.finish_reason = "cancelled"  # replaced below unless the consumer abandons the stream
-        while True:
+        while not self.cancel.is_set():
             token = sampler(logits, history)
             if token in eos:
                 stats.finish_reason = "eos"
@@ -156,8 +161,9 @@ class Generator:
                 yield tail
         stats.decode_seconds = time.perf_counter() - decode_started
 
-    def _prefill(self, prompt_ids: list[int]) -> torch.Tensor:
-        """Run the prompt tokens the cache does not already hold; return the last position's logits (V,)."""
+    def _prefill(self, prompt_ids: list[int]) -> torch.Tensor | None:
+        """Run the prompt tokens the cache does not already hold; return the last position's logits (V,), or None
+        when cancelled between chunks."""
         reused = self.cache.reuse_prefix(prompt_ids)
         self.cache.check_room(len(prompt_ids) - reused)  # fail before running anything, not halfway
         self.stats.reused_tokens = reused
@@ -165,5 +171,7 @@ class Generator:
         pending = torch.tensor(prompt_ids[reused:], dtype=torch.long, device=device)[None]
         logits = None
         for chunk in pending.split(PREFILL_CHUNK, dim=1):
+            if self.cancel.is_set():
+                return None
             logits = self.model(chunk, self.cache, last_logits_only=True)
         return logits[0, -1]

@@ -1,0 +1,142 @@
+"""`kiln serve` on a loopback port with the demo model, driven by the official `openai` client and raw HTTP."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+from kilnlm import Engine
+from kilnlm.runtime.engine import demo_model_path
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+from kilnlm.runtime.server import ServerConfigError, ServerSettings, create_app  # noqa: E402
+
+API_KEY = "test-key-123"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    engine = Engine.load(demo_model_path(), progress=False, context_length=256)
+    settings = ServerSettings(port=_free_port(), api_key=API_KEY, allowed_origins=("http://localhost:3000",),
+                              max_tokens_cap=64, queue_cap=4, max_body_bytes=20_000, model_name="demo")
+    config = uvicorn.Config(create_app(engine, settings), host="127.0.0.1", port=settings.port, log_level="error")
+    instance = uvicorn.Server(config)
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if instance.started:
+            break
+        time.sleep(0.05)
+    yield engine, settings
+    instance.should_exit = True
+    thread.join(timeout=10)
+
+
+def _client(settings) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{settings.port}/v1", api_key=API_KEY, max_retries=0)
+
+
+def _raw(settings, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    connection = http.client.HTTPConnection("127.0.0.1", settings.port, timeout=60)
+    connection.request(method, path, body=body, headers={"Authorization": f"Bearer {API_KEY}", **(headers or {})})
+    response = connection.getresponse()
+    return response.status, response.read(), dict(response.getheaders())
+
+
+MESSAGES = [{"role": "user", "content": "Speak, ROMEO."}]
+
+
+def test_chat_plain_and_streaming_agree_and_match_the_engine(server):
+    engine, settings = server
+    client = _client(settings)
+    plain = client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=24, temperature=0)
+    chunks = client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=24, temperature=0,
+                                            stream=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert plain.choices[0].message.content == streamed
+    assert plain.choices[0].finish_reason in ("length", "stop")
+    assert plain.usage.completion_tokens <= 24 and plain.usage.prompt_tokens > 0
+    assert engine.chat(MESSAGES, max_tokens=24, temperature=0) == streamed
+
+
+def test_seeded_sampling_is_repeatable_and_stop_strings_hold(server):
+    _, settings = server
+    client = _client(settings)
+    first = client.completions.create(model="demo", prompt="ROMEO:", max_tokens=30, temperature=0.9, seed=7)
+    second = client.completions.create(model="demo", prompt="ROMEO:", max_tokens=30, temperature=0.9, seed=7)
+    assert first.choices[0].text == second.choices[0].text
+    text = first.choices[0].text
+    if len(text) > 6:  # stop at a string the unstopped text contains: the answer ends before it
+        stop = text[3:6]
+        cut = client.completions.create(model="demo", prompt="ROMEO:", max_tokens=30, temperature=0.9, seed=7,
+                                        stop=[stop], stream=True)
+        assert "".join(c.choices[0].text for c in cut) == text[: text.index(stop)]
+
+
+def test_errors_are_openai_shaped(server):
+    _, settings = server
+    client = _client(settings)
+    with pytest.raises(openai.BadRequestError, match="context holds 256"):
+        client.completions.create(model="demo", prompt="word " * 400, max_tokens=4)
+    status, body, _ = _raw(settings, "POST", "/v1/chat/completions", b"{not json")
+    assert status == 400 and json.loads(body)["error"]["type"] == "invalid_request_error"
+    status, _, _ = _raw(settings, "POST", "/v1/chat/completions", b"x" * 30_000)
+    assert status == 413
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"http://127.0.0.1:{settings.port}/v1", api_key="wrong", max_retries=0) \
+            .models.list()
+
+
+def test_health_is_public_and_host_origin_and_metrics_checks(server):
+    _, settings = server
+    connection = http.client.HTTPConnection("127.0.0.1", settings.port, timeout=30)
+    connection.request("GET", "/health")
+    assert connection.getresponse().status == 200  # no API key needed
+    status, body, _ = _raw(settings, "GET", "/v1/models", headers={"Host": "evil.example:8080"})
+    assert status == 403 and b"DNS rebinding" in body
+    status, _, headers = _raw(settings, "GET", "/v1/models", headers={"Origin": "http://localhost:3000"})
+    assert status == 200 and headers.get("access-control-allow-origin") == "http://localhost:3000"
+    status, _, _ = _raw(settings, "GET", "/v1/models", headers={"Origin": "https://elsewhere.example"})
+    assert status == 403
+    status, body, _ = _raw(settings, "GET", "/metrics")
+    assert status == 200 and b"kilnlm_requests_total" in body and b"kilnlm_queue_depth 0" in body
+
+
+def test_a_client_that_disconnects_cancels_its_generation(server):
+    engine, settings = server
+    connection = http.client.HTTPConnection("127.0.0.1", settings.port, timeout=60)
+    body = json.dumps({"model": "demo", "prompt": "ROMEO:", "max_tokens": 64, "stream": True, "temperature": 0,
+                       "ignore_eos": True}).encode()
+    connection.request("POST", "/v1/completions", body=body, headers={"Authorization": f"Bearer {API_KEY}",
+                                                                      "Content-Type": "application/json"})
+    response = connection.getresponse()
+    response.read1(200)  # the first events arrive ...
+    response.close()  # ... and the client goes away (the response holds the socket open)
+    connection.close()
+    for _ in range(100):
+        status, metrics, _ = _raw(settings, "GET", "/metrics")
+        if b"kilnlm_queue_depth 0" in metrics:
+            break
+        time.sleep(0.1)
+    assert b"kilnlm_queue_depth 0" in metrics
+    assert b"kilnlm_requests_cancelled_total 1" in metrics  # stopped early, not run to max_tokens
+
+
+def test_non_loopback_bind_needs_an_api_key():
+    with pytest.raises(ServerConfigError, match="api-key"):
+        ServerSettings(host="0.0.0.0").check()
+    ServerSettings(host="0.0.0.0", api_key="k").check()
+    ServerSettings(host="::1").check()
