@@ -89,7 +89,7 @@ class Engine:
         self.last_stats = GenerationStats()
         self._cache: Cache | None = None
         self._lock = threading.Lock()  # one generation at a time (see the threading contract above)
-        self._cancel = threading.Event()
+        self._running: threading.Event | None = None  # the cancel flag of the generation running now
         self._closed = False
 
     @classmethod
@@ -179,7 +179,9 @@ class Engine:
 
     def cancel(self) -> None:
         """Stop the running generation at its next step (from any thread); no effect when none is running."""
-        self._cancel.set()
+        running = self._running
+        if running is not None:
+            running.set()
 
     def close(self) -> None:
         """Free the model and the cache (waits for a running generation); later calls raise EngineClosedError."""
@@ -205,19 +207,22 @@ class Engine:
         stream: bool = False,
         add_bos: bool | None = None,
         on_finish: Callable[[GenerationStats], None] | None = None,
+        cancel: threading.Event | None = None,
         **options,
     ) -> str | Iterator[str]:
         """Continue `prompt` (text or token ids); options: max_tokens, temperature, top_k, top_p, min_p,
         repetition_penalty, seed, stop, ignore_eos. Returns the text, or an iterator of pieces with stream=True.
-        `on_finish(stats)` is called when the generation ends (stats of this call, whatever other threads do)."""
+        `on_finish(stats)` is called when the generation ends (stats of this call, whatever other threads do);
+        setting `cancel` (from any thread) stops this call, and only this one, at its next step."""
         ids = self.tokenizer.encode(prompt, add_bos=add_bos) if isinstance(prompt, str) else list(prompt)
-        return self._run(ids, _generation_params(**options), stream, on_finish)
+        return self._run(ids, _generation_params(**options), stream, on_finish, cancel)
 
     def chat(self, messages: list[dict], *, stream: bool = False,
-             on_finish: Callable[[GenerationStats], None] | None = None, **options) -> str | Iterator[str]:
+             on_finish: Callable[[GenerationStats], None] | None = None, cancel: threading.Event | None = None,
+             **options) -> str | Iterator[str]:
         """Answer the conversation `messages` ([{"role": ..., "content": ...}, ...]) as the assistant."""
         ids = self.chat_prompt_ids(messages)
-        return self._run(ids, _generation_params(**options), stream, on_finish)
+        return self._run(ids, _generation_params(**options), stream, on_finish, cancel)
 
     async def astream(self, prompt: str | Sequence[int] | list[dict], **options) -> AsyncIterator[str]:
         """The pieces of generate(prompt) (or chat(messages) for a list of message dicts) for asyncio code; the
@@ -225,7 +230,8 @@ class Engine:
         iterator (a client that went away) cancels it."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue(maxsize=4)  # backpressure: a stalled consumer stalls generation
-        done = object()
+        done, stop = object(), threading.Event()  # this call's own cancel flag: a late set cannot hit the next one
+        options = {**options, "cancel": stop}
         is_chat = isinstance(prompt, list) and prompt and isinstance(prompt[0], dict)
 
         def put(item) -> None:
@@ -248,8 +254,7 @@ class Engine:
                     raise item
                 yield item
         finally:
-            if not worker.done():
-                self.cancel()
+            stop.set()  # no effect once the generation has ended
             while not worker.done():  # let the worker finish its pending puts
                 while not queue.empty():
                     queue.get_nowait()
@@ -265,22 +270,24 @@ class Engine:
         return self.tokenizer.encode(text, add_bos=add_bos)
 
     def _run(self, ids: list[int], params: GenerationParams, stream: bool,
-             on_finish: Callable[[GenerationStats], None] | None) -> str | Iterator[str]:
-        pieces = self._locked_stream(ids, params, on_finish)
+             on_finish: Callable[[GenerationStats], None] | None,
+             cancel: threading.Event | None) -> str | Iterator[str]:
+        pieces = self._locked_stream(ids, params, on_finish, cancel or threading.Event())
         return pieces if stream else "".join(pieces)
 
     def _locked_stream(self, ids: list[int], params: GenerationParams,
-                       on_finish: Callable[[GenerationStats], None] | None) -> Iterator[str]:
+                       on_finish: Callable[[GenerationStats], None] | None, cancel: threading.Event) -> Iterator[str]:
         with self._lock:
             stats = GenerationStats(prompt_tokens=len(ids), finish_reason="error")
             try:  # on_finish hears of every call that started, whatever happens inside it
                 if self._closed:
                     raise EngineClosedError(f"{self.source}: the engine was closed; load the model again")
-                self._cancel.clear()  # a cancel() before this generation started is not for it
-                generator = Generator(self.model, self.tokenizer, self.cache, cancel=self._cancel)
+                self._running = cancel
+                generator = Generator(self.model, self.tokenizer, self.cache, cancel=cancel)
                 try:
                     yield from generator.stream(ids, params)
                 finally:
+                    self._running = None
                     stats = self.last_stats = generator.stats
             finally:
                 if on_finish is not None:

@@ -140,3 +140,17 @@ def test_non_loopback_bind_needs_an_api_key():
         ServerSettings(host="0.0.0.0").check()
     ServerSettings(host="0.0.0.0", api_key="k").check()
     ServerSettings(host="::1").check()
+
+
+def test_serve_benchmark_quick_runs_and_counts_cancellations():
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve.py"), "--quick", "--cancel", "0.5",
+                             "--json"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["generated_tokens"] > 0 and 0 < report["cancelled"] < report["requests"]
+    assert report["ttft_p50_s"] > 0 and report["rss_end_mib"] > 0
