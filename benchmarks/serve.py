@@ -1,7 +1,7 @@
 """`kiln serve` under load: K concurrent streaming clients, some cancelled mid-stream.
 
     python benchmarks/serve.py                  # the demo model, 32 clients, 2,000 requests
-    python benchmarks/serve.py MODEL --clients 8 --requests 200 --cancel 0.2
+    python benchmarks/serve.py MODEL --clients 8 --requests 200 --cancel 0.2 --parallel 8
     python benchmarks/serve.py --quick          # 4 clients, 24 requests: for the CPU
 
 Starts the server in this process on a free loopback port, then K client threads each send streaming chat
@@ -68,7 +68,8 @@ def _client(port: int, jobs: list, lock: threading.Lock, results: dict, cancel_s
             results["pieces"] += len(stamps)
 
 
-def run(model: str | None, clients: int, requests: int, cancel_share: float, max_tokens: int) -> dict:
+def run(model: str | None, clients: int, requests: int, cancel_share: float, max_tokens: int,
+        parallel: int = 1) -> dict:
     """Serve `model`, drive it with `clients` streaming clients for `requests` requests, return the figures."""
     import uvicorn
 
@@ -76,7 +77,7 @@ def run(model: str | None, clients: int, requests: int, cancel_share: float, max
     from kilnlm.runtime.engine import demo_model_path
     from kilnlm.runtime.server import ServerSettings, create_app
 
-    engine = Engine.load(model or demo_model_path(), progress=False)
+    engine = Engine.load(model or demo_model_path(), progress=False, parallel=parallel)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -104,7 +105,7 @@ def run(model: str | None, clients: int, requests: int, cancel_share: float, max
                    if not line.startswith("#"))
     server.should_exit = True
     generated = int(metrics["kilnlm_generated_tokens_total"])
-    return {"clients": clients, "requests": requests, "seconds": elapsed,
+    return {"clients": clients, "requests": requests, "parallel": parallel, "seconds": elapsed,
             "generated_tokens_per_s": generated / elapsed, "generated_tokens": generated,
             "cancelled": int(metrics["kilnlm_requests_cancelled_total"]),
             "ttft_p50_s": _percentile(results["ttft"], 0.5), "ttft_p99_s": _percentile(results["ttft"], 0.99),
@@ -122,16 +123,18 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--cancel", type=float, default=0.1, help="share of requests cancelled mid-stream")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--parallel", type=int, default=1, help="sequences the engine decodes in one batch")
     parser.add_argument("--quick", action="store_true", help="4 clients, 24 requests, 32 tokens")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.quick:
         args.clients, args.requests, args.max_tokens = 4, 24, 32
-    result = run(args.model, args.clients, args.requests, args.cancel, args.max_tokens)
+    result = run(args.model, args.clients, args.requests, args.cancel, args.max_tokens, args.parallel)
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"{result['requests']} requests from {result['clients']} clients in {result['seconds']:.1f}s: "
+    print(f"{result['requests']} requests from {result['clients']} clients (parallel {result['parallel']}) in "
+          f"{result['seconds']:.1f}s: "
           f"{result['generated_tokens_per_s']:.1f} generated tokens/s ({result['cancelled']} cancelled)")
     print(f"time to first token p50 {result['ttft_p50_s'] * 1e3:.0f} ms, p99 {result['ttft_p99_s'] * 1e3:.0f} ms; "
           f"inter-token p50 {result['itl_p50_s'] * 1e3:.1f} ms, p99 {result['itl_p99_s'] * 1e3:.1f} ms")

@@ -29,7 +29,7 @@ QUANTIZE_EXAMPLE = """examples:
   kiln quantize ./Llama-3.2-1B -o llama1b-int8.gguf --method llm-int8 --calib wiki.txt
 """
 SERVE_EXAMPLE = """examples:
-  kiln serve llama1b-q4_0.gguf --port 8080
+  kiln serve llama1b-q4_0.gguf --port 8080 --parallel 8            # 8 streams decoded in one batch
   kiln serve ./Qwen2-0.5B-Instruct --host 0.0.0.0 --api-key "$KEY"     # beyond loopback only with a key
   python -c "from openai import OpenAI; c = OpenAI(base_url='http://127.0.0.1:8080/v1', api_key='x'); \\
 print(c.chat.completions.create(model='kilnlm', messages=[{'role': 'user', 'content': 'Hi'}]).choices[0].message.content)"
@@ -109,13 +109,13 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
     }
 
 
-def _load(args: argparse.Namespace, model: str | None):
+def _load(args: argparse.Namespace, model: str | None, **engine_options):
     from kilnlm.runtime.engine import Engine, demo_model_path
 
     path = model or demo_model_path()
     started = time.perf_counter()
     engine = Engine.load(path, device=args.device, dtype=args.dtype, context_length=args.ctx,
-                         allow_pickle=args.allow_pickle, **_cache_kwargs(args))
+                         allow_pickle=args.allow_pickle, **_cache_kwargs(args), **engine_options)
     from kilnlm.runtime.bench import weight_bytes
 
     weights = weight_bytes(engine.model)
@@ -436,7 +436,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               allowed_origins=tuple(args.allow_origin), max_tokens_cap=args.max_tokens_cap,
                               queue_cap=args.queue_cap, model_name=args.model_name or Path(args.model or "demo").name)
     settings.check()  # before the (slow) load
-    engine = _load(args, args.model)
+    engine = _load(args, args.model, parallel=args.parallel)
     _info(f"serving {settings.model_name} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)")
     serve(engine, settings)
     return 0
@@ -484,6 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-tokens-cap", type=int, default=4096, help="most tokens one request may generate")
     server.add_argument("--queue-cap", type=int, default=16, help="requests waiting or running before 503s")
     server.add_argument("--model-name", default=None, help="the model id clients see (default: the file name)")
+    server.add_argument("--parallel", type=int, default=1,
+                        help="sequences decoded together in one batch (continuous batching; default 1)")
     _add_model_options(server)
 
     export = add("export", cmd_export, "Write an ONNX folder (model.onnx + genai_config.json) that onnxruntime "

@@ -77,6 +77,7 @@ class Engine:
         chat_template: ChatTemplate | None = None,
         source: str = "",
         kv_options: dict | None = None,
+        parallel: int = 1,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -91,6 +92,10 @@ class Engine:
         self._lock = threading.Lock()  # one generation at a time (see the threading contract above)
         self._running: threading.Event | None = None  # the cancel flag of the generation running now
         self._closed = False
+        if parallel < 1:
+            raise KilnError(f"parallel must be at least 1, got {parallel}")
+        self.parallel = parallel
+        self._scheduler = None  # the continuous-batching worker when parallel > 1, started on first use
 
     @classmethod
     def load(
@@ -108,6 +113,7 @@ class Engine:
         v_type: str | None = None,
         kv_rotation: bool = True,
         paged_kv: bool = False,
+        parallel: int = 1,
     ) -> Engine:
         """Load an HF checkpoint folder, a GGUF file or an ONNX folder (`kiln export`'s, or onnxruntime-genai's
         builder's) onto `device` in `dtype` ('auto', 'float32', 'bf16', ...; an ONNX graph keeps its own).
@@ -118,6 +124,8 @@ class Engine:
         None: the model's dtype), `k_type` / `v_type` each side (as llama.cpp's --cache-type-k / -v);
         `kv_rotation` Hadamard-rotates quantized keys and values (on by default). `paged_kv` keeps the cache in
         16-position pages whose full pages are found again by the hash of their prefix (runtime.paged_cache).
+        `parallel` > 1 runs up to that many generations at once in one batch (continuous batching over a shared
+        page pool, runtime.scheduler; attention-only models); with 1 they run one after another.
         """
         from kilnlm.export.checkpoint import open_checkpoint
 
@@ -149,10 +157,13 @@ class Engine:
         model_dtype = resolve_dtype(dtype, device)
         with torch.device("meta"):  # refuse bad cache options before the (slow) weights load, allocating nothing
             model_class(config)(config).new_cache(1, **kv_options)
+        if parallel > 1 and set(config.layer_kinds()) != {"attention"}:
+            raise KilnError(f"{path}: parallel generation batches attention models over the paged cache; "
+                            f"{config.architecture} has recurrent layers, so use parallel=1")
         model = build_model(config, tensors, device=device, dtype=model_dtype, source=str(path))
         _use_int8_linears(model, checkpoint)
         return cls(model, tokenizer, context_length=_context_length(config, context_length), source=str(path),
-                   kv_options=kv_options)
+                   kv_options=kv_options, parallel=parallel)
 
     @property
     def config(self) -> ModelConfig:
@@ -167,7 +178,11 @@ class Engine:
         return self._cache
 
     def cached_tokens(self) -> int:
-        """Positions the cache holds now (read without waiting for a running generation)."""
+        """Positions the cache holds now (read without waiting for a running generation); with parallel > 1, the
+        positions of the page-pool pages in use."""
+        if self._scheduler is not None:
+            pool = self._scheduler.pool
+            return sum(page.refs > 0 for page in pool.pages) * pool.page
         cache = self._cache
         return cache.length if cache is not None else 0
 
@@ -178,10 +193,12 @@ class Engine:
                 self._cache.reset()
 
     def cancel(self) -> None:
-        """Stop the running generation at its next step (from any thread); no effect when none is running."""
+        """Stop the running generation(s) at their next step (from any thread); no effect when none runs."""
         running = self._running
         if running is not None:
             running.set()
+        for flag in self._scheduler.running() if self._scheduler is not None else ():
+            flag.set()
 
     def close(self) -> None:
         """Free the model and the cache (waits for a running generation); later calls raise EngineClosedError."""
@@ -190,7 +207,9 @@ class Engine:
             if self._closed:
                 return
             device = next(self.model.parameters()).device
-            self.model, self._cache, self._closed = None, None, True
+            if self._scheduler is not None:
+                self._scheduler.close()
+            self.model, self._cache, self._scheduler, self._closed = None, None, None, True
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
@@ -277,6 +296,9 @@ class Engine:
 
     def _locked_stream(self, ids: list[int], params: GenerationParams,
                        on_finish: Callable[[GenerationStats], None] | None, cancel: threading.Event) -> Iterator[str]:
+        if self.parallel > 1:
+            yield from self._batched_stream(ids, params, on_finish, cancel)
+            return
         with self._lock:
             stats = GenerationStats(prompt_tokens=len(ids), finish_reason="error")
             try:  # on_finish hears of every call that started, whatever happens inside it
@@ -292,6 +314,26 @@ class Engine:
             finally:
                 if on_finish is not None:
                     on_finish(stats)
+
+
+    def _batched_stream(self, ids: list[int], params: GenerationParams,
+                        on_finish: Callable[[GenerationStats], None] | None, cancel: threading.Event) -> Iterator[str]:
+        with self._lock:  # only to start the worker once and to see close()
+            if self._closed:
+                raise EngineClosedError(f"{self.source}: the engine was closed; load the model again")
+            if self._scheduler is None:
+                from kilnlm.runtime.scheduler import BatchScheduler
+
+                self._scheduler = BatchScheduler(self.model, self.tokenizer, parallel=self.parallel,
+                                                 capacity=self.context_length, kv_options=self.kv_options)
+            scheduler = self._scheduler
+
+        def finished(stats: GenerationStats) -> None:
+            self.last_stats = stats
+            if on_finish is not None:
+                on_finish(stats)
+
+        yield from scheduler.stream(ids, params, cancel, finished)
 
 
 def _generation_params(

@@ -57,7 +57,7 @@ class GenerationStats:
         return ran / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
 
 
-class _StopStringFilter:
+class StopStringFilter:
     """Holds back text that might be the start of a stop string; reports when one is complete."""
 
     def __init__(self, stops: Sequence[str]):
@@ -131,7 +131,7 @@ class Generator:
         sampler = Sampler(params.sampling, device=logits.device)
         penalise = params.sampling.repetition_penalty != 1.0
         history = torch.tensor(list(prompt_ids), dtype=torch.long, device=logits.device) if penalise else None
-        detok, stops = self.tokenizer.stream(), _StopStringFilter(params.stop)
+        detok, stops = self.tokenizer.stream(), StopStringFilter(params.stop)
         eos = set() if params.ignore_eos else set(self.tokenizer.eos_ids)
         decode_started = time.perf_counter()
         stats.finish_reason = "cancelled"  # replaced below unless the consumer abandons the stream

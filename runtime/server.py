@@ -1,9 +1,10 @@
 """`kiln serve`: an OpenAI-compatible HTTP server on loopback, built only on the Engine API.
 
 Routes: POST /v1/chat/completions and /v1/completions (streaming as server-sent events, or one JSON body),
-GET /v1/models, GET /health (public), GET /metrics (Prometheus text). Requests queue on the engine and run one
-at a time (continuous batching over the paged cache is the next step); a client that disconnects from a stream
-cancels its generation at the next decode step.
+GET /v1/models, GET /health (public), GET /metrics (Prometheus text). Requests go to the engine: one at a time,
+or with Engine.load(parallel=N) (`kiln serve --parallel N`) up to N decoded together in one batch over the
+paged cache (runtime/scheduler.py). A client that disconnects from a stream cancels its generation at the next
+decode step.
 
 Safety for a desktop sidecar: loopback by default, a non-loopback bind only with an API key (compared in
 constant time), the Host header checked on loopback (DNS rebinding, as in ollama's CVE-2024-28224), CORS

@@ -9,11 +9,11 @@ from conftest import TOKENIZER_VOCAB, add_tokenizer, make_hf_model
 from kilnlm.errors import ContextLengthError, KilnError
 from kilnlm.runtime.cache import DenseKVCache
 from kilnlm.runtime.engine import Engine
-from kilnlm.runtime.generate import _StopStringFilter
+from kilnlm.runtime.generate import StopStringFilter
 
 
 def _feed_all(stops, pieces):
-    filt = _StopStringFilter(stops)
+    filt = StopStringFilter(stops)
     out = [filt.feed(p) for p in pieces]
     return "".join(out) + filt.flush(), filt.stopped, out
 

@@ -154,3 +154,42 @@ def test_serve_benchmark_quick_runs_and_counts_cancellations():
     report = json.loads(result.stdout)
     assert report["generated_tokens"] > 0 and 0 < report["cancelled"] < report["requests"]
     assert report["ttft_p50_s"] > 0 and report["rss_end_mib"] > 0
+
+
+def test_parallel_server_streams_several_requests_at_once():
+    engine = Engine.load(demo_model_path(), progress=False, context_length=256, parallel=3)
+    settings = ServerSettings(port=_free_port(), max_tokens_cap=32, queue_cap=8, model_name="demo")
+    instance = uvicorn.Server(uvicorn.Config(create_app(engine, settings), host="127.0.0.1", port=settings.port,
+                                             log_level="error"))
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    while not instance.started:
+        time.sleep(0.05)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{settings.port}/v1", api_key="unused", max_retries=0)
+        prompts = ["ROMEO:", "JULIET:", "KING HENRY:"]
+        texts, first_token_at, finished_at = {}, {}, {}
+
+        def run(prompt: str) -> None:
+            pieces = []
+            for chunk in client.completions.create(model="demo", prompt=prompt, max_tokens=24, temperature=0,
+                                                   stream=True):
+                if chunk.choices[0].text:
+                    first_token_at.setdefault(prompt, time.perf_counter())
+                pieces.append(chunk.choices[0].text)
+            finished_at[prompt] = time.perf_counter()
+            texts[prompt] = "".join(pieces)
+
+        threads = [threading.Thread(target=run, args=(p,)) for p in prompts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        alone = Engine.load(demo_model_path(), progress=False, context_length=256)
+        assert texts == {p: alone.generate(p, max_tokens=24, temperature=0) for p in prompts}
+        # The three streams ran at once: every one had its first token before any of them finished.
+        assert max(first_token_at.values()) < min(finished_at.values())
+    finally:
+        instance.should_exit = True
+        thread.join(timeout=10)
+        engine.close()
