@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import itertools
 import json
 import random
 import resource
@@ -64,7 +65,7 @@ def _client(port: int, jobs: list, lock: threading.Lock, results: dict, cancel_s
         with lock:
             if stamps:
                 results["ttft"].append(stamps[0] - started)
-                results["itl"] += [b - a for a, b in zip(stamps, stamps[1:])]
+                results["itl"] += [b - a for a, b in itertools.pairwise(stamps)]
             results["pieces"] += len(stamps)
 
 

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from kilnlm.errors import CheckpointError, UnsupportedModelError
-from kilnlm.quant.formats import QuantizedTensor, get_format
+from kilnlm.quant.formats import QuantizedTensor
 from kilnlm.runtime.config import ModelConfig
 from kilnlm.runtime.rope import RotaryEmbedding
 
