@@ -85,7 +85,8 @@ def run(model: str | None, clients: int, requests: int, cancel_share: float, max
     settings = ServerSettings(port=port, queue_cap=clients + 1, max_tokens_cap=max_tokens, model_name="bench")
     server = uvicorn.Server(uvicorn.Config(create_app(engine, settings), host="127.0.0.1", port=port,
                                            log_level="error"))
-    threading.Thread(target=server.run, daemon=True).start()
+    server_thread = threading.Thread(target=server.run, daemon=True)
+    server_thread.start()
     while not server.started:
         time.sleep(0.05)
     rss_start = _rss_mib()
@@ -105,6 +106,8 @@ def run(model: str | None, clients: int, requests: int, cancel_share: float, max
     metrics = dict(line.split() for line in connection.getresponse().read().decode().splitlines()
                    if not line.startswith("#"))
     server.should_exit = True
+    server_thread.join(timeout=30)
+    engine.close()  # every generation ended before the interpreter exits (torch aborts on threads still in it)
     generated = int(metrics["kilnlm_generated_tokens_total"])
     return {"clients": clients, "requests": requests, "parallel": parallel, "seconds": elapsed,
             "generated_tokens_per_s": generated / elapsed, "generated_tokens": generated,

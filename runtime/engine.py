@@ -256,6 +256,8 @@ class Engine:
         def put(item) -> None:
             asyncio.run_coroutine_threadsafe(queue.put(item), loop).result()
 
+        finished = asyncio.Event()
+
         def produce() -> None:
             try:
                 pieces = self.chat(prompt, stream=True, **options) if is_chat else \
@@ -265,8 +267,11 @@ class Engine:
             except BaseException as err:  # handed to the consumer, which raises it
                 put(err)
             put(done)
+            loop.call_soon_threadsafe(finished.set)
 
-        worker = loop.run_in_executor(None, produce)
+        # A thread per stream, not the loop's default executor: its few workers would cap how many requests
+        # can wait on (or, with parallel > 1, run in) the engine at once.
+        threading.Thread(target=produce, name="kilnlm-stream", daemon=True).start()
         try:
             while (item := await queue.get()) is not done:
                 if isinstance(item, BaseException):
@@ -274,11 +279,10 @@ class Engine:
                 yield item
         finally:
             stop.set()  # no effect once the generation has ended
-            while not worker.done():  # let the worker finish its pending puts
+            while not finished.is_set():  # let the worker finish its pending puts
                 while not queue.empty():
                     queue.get_nowait()
                 await asyncio.sleep(0.005)
-            await worker
 
     def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
         """The conversation rendered with the chat template and tokenized, ready for the assistant's turn."""

@@ -3,8 +3,8 @@
 One worker thread owns the model. Each loop turn it
 1. admits waiting requests while fewer than `parallel` run: each gets a sequence of the shared page pool,
    and takes the cached pages of any prefix it shares with earlier requests (system prompts, earlier turns);
-2. runs one prefill chunk of one request that still has prompt tokens, so a long prompt delays the running
-   streams by one chunk at a time, not by its whole length;
+2. runs up to one chunk (512 tokens) of prompt tokens, over as many waiting prompts as fit, so a long
+   prompt delays the running streams by one chunk at a time, and many short ones start together;
 3. samples the next token of every request whose logits are ready (each with its own seeded sampler, stop
    strings and detokenizer), finishes the ones that end, and runs all the others one decode step together
    as one PagedBatch forward pass (rows at different lengths).
@@ -130,9 +130,12 @@ class BatchScheduler:
     def _turn(self) -> None:
         for request in [r for r in self._active if r.cancel.is_set()]:
             self._finish(request, "cancelled")
-        prefilling = next((r for r in self._active if r.pending), None)
-        if prefilling is not None:
-            chunk, prefilling.pending = prefilling.pending[:PREFILL_CHUNK], prefilling.pending[PREFILL_CHUNK:]
+        budget = PREFILL_CHUNK  # prompt tokens run per turn, over as many waiting prompts as fit
+        for prefilling in [r for r in self._active if r.pending]:
+            if budget <= 0:
+                break
+            chunk, prefilling.pending = prefilling.pending[:budget], prefilling.pending[budget:]
+            budget -= len(chunk)
             ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
             logits = self.model(ids, prefilling.cache, last_logits_only=True)
             if not prefilling.pending:

@@ -43,6 +43,7 @@ def server():
     yield engine, settings
     instance.should_exit = True
     thread.join(timeout=10)
+    engine.close()
 
 
 def _client(settings) -> openai.OpenAI:
