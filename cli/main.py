@@ -34,6 +34,11 @@ SERVE_EXAMPLE = """examples:
   python -c "from openai import OpenAI; c = OpenAI(base_url='http://127.0.0.1:8080/v1', api_key='x'); \\
 print(c.chat.completions.create(model='kilnlm', messages=[{'role': 'user', 'content': 'Hi'}]).choices[0].message.content)"
 """
+PLAN_EXAMPLE = """examples:
+  kiln plan llama8b-q4_0.gguf --device cuda                  # the largest context that fits this GPU
+  kiln plan llama8b-q4_0.gguf --device cuda --free-gib 8 --cache-type-k q8_0 --cache-type-v q8_0
+  kiln plan ./Llama-3.2-1B --ctx 8192 --parallel 4 --json
+"""
 EXPORT_EXAMPLE = """examples:
   kiln export ./Llama-3.2-1B-Instruct -o llama1b-onnx --format onnx --type f16 --ep cuda
   kiln export ./Qwen2-0.5B -o qwen-onnx                    # f32, CPU
@@ -442,6 +447,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """kiln plan: the memory a model would take on a device, without loading it."""
+    import json
+
+    from kilnlm.runtime.engine import Engine
+
+    free = int(args.free_gib * 2**30) if args.free_gib is not None else None
+    plan = Engine.plan(args.model, device=args.device, dtype=args.dtype, context_length=args.ctx,
+                       k_type=args.cache_type_k, v_type=args.cache_type_v, parallel=args.parallel, free_bytes=free)
+    print(json.dumps(plan.as_dict(), indent=2) if args.json else plan.describe())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every `kiln` subcommand."""
     parser = argparse.ArgumentParser(prog="kiln", description="kilnlm: quantize and run LLMs locally.",
@@ -487,6 +505,20 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--parallel", type=int, default=1,
                         help="sequences decoded together in one batch (continuous batching; default 1)")
     _add_model_options(server)
+
+    planner = add("plan", cmd_plan, "Print the memory a model would need on a device, without loading it.",
+                  PLAN_EXAMPLE)
+    planner.add_argument("model", help="HF folder or GGUF file")
+    planner.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    planner.add_argument("--dtype", default="auto", help="auto, float32, bf16, fp16 (default auto)")
+    planner.add_argument("--ctx", type=int, default=None, help="context length (default: the largest that fits "
+                         "the free memory when it is known, else the model's up to 4096)")
+    planner.add_argument("--parallel", type=int, default=1, help="sequences served at once (default 1)")
+    planner.add_argument("--cache-type-k", default=None, help="KV type of keys (f16, bf16, f32, q8_0, q4_0)")
+    planner.add_argument("--cache-type-v", default=None, help="KV type of values")
+    planner.add_argument("--free-gib", type=float, default=None,
+                         help="free device memory to plan against, in GiB (default: read from the CUDA device)")
+    planner.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     export = add("export", cmd_export, "Write an ONNX folder (model.onnx + genai_config.json) that onnxruntime "
                  "and onnxruntime-genai run.", EXPORT_EXAMPLE)

@@ -350,6 +350,14 @@ class GGUFCheckpoint:
         """How many model tensors `tensors()` yields."""
         return len(self._names)
 
+    def stored_bytes(self, name: str) -> int | None:
+        """Bytes a block linear keeps when the runtime multiplies through it packed (None: it is dequantised)."""
+        info = self.file.tensors[self._names[name]]
+        fmt = format_for_gguf_type(info.ggml_type)
+        if fmt.name in PACKED_RUNTIME_FORMATS and name.startswith("layers.") and len(info.shape) == 2:
+            return info.nbytes
+        return None
+
     def tensor_format(self, name: str) -> WeightFormat:
         """The stored format of a tensor (by kilnlm name)."""
         return format_for_gguf_type(self.file.tensors[self._names[name]].ggml_type)

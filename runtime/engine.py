@@ -155,6 +155,10 @@ class Engine:
             leave=False,
         )
         model_dtype = resolve_dtype(dtype, device)
+        if device.type == "cuda" and context_length is None:  # the largest context that fits, before allocating
+            context_length = cls.plan(path, device=device, dtype=model_dtype, parallel=parallel,
+                                      packed_weights=packed, **{k: v for k, v in kv_options.items()
+                                                                if k in ("k_type", "v_type")}).context_length
         with torch.device("meta"):  # refuse bad cache options before the (slow) weights load, allocating nothing
             model_class(config)(config).new_cache(1, **kv_options)
         if parallel > 1 and set(config.layer_kinds()) != {"attention"}:
@@ -164,6 +168,48 @@ class Engine:
         _use_int8_linears(model, checkpoint)
         return cls(model, tokenizer, context_length=_context_length(config, context_length), source=str(path),
                    kv_options=kv_options, parallel=parallel)
+
+    @classmethod
+    def plan(
+        cls,
+        path: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "auto",
+        context_length: int | None = None,
+        kv_type: str | None = None,
+        k_type: str | None = None,
+        v_type: str | None = None,
+        parallel: int = 1,
+        packed_weights: bool | None = None,
+        free_bytes: int | None = None,
+    ):
+        """The memory plan of loading `path` (runtime.plan.MemoryPlan) without loading it.
+
+        Without `context_length` and with a known free memory (`free_bytes`, or the CUDA device's own), the plan
+        is for the largest context that fits; OutOfMemoryPlanError when even the weights do not.
+        """
+        from kilnlm.export.checkpoint import open_checkpoint
+        from kilnlm.runtime.plan import checkpoint_weight_bytes, fit_context, make_plan
+
+        device = torch.device(device)
+        checkpoint = open_checkpoint(Path(path))
+        config = checkpoint.config
+        # Planning for a GPU this machine does not have (a what-if): 'auto' means bf16 there.
+        no_gpu = device.type == "cuda" and not torch.cuda.is_available()
+        model_dtype = torch.bfloat16 if no_gpu and dtype == "auto" else resolve_dtype(dtype, torch.device("cpu")
+                                                                                      if no_gpu else device)
+        packed = device.type == "cuda" if packed_weights is None else packed_weights
+        weights = checkpoint_weight_bytes(checkpoint, model_dtype, packed)
+        if free_bytes is None and device.type == "cuda" and torch.cuda.is_available():
+            free_bytes = torch.cuda.mem_get_info(device)[0]
+        kv = {"k_type": k_type or kv_type, "v_type": v_type or kv_type}
+        if context_length is None and free_bytes is not None:
+            return fit_context(config, weights, device=device, dtype=model_dtype, free=free_bytes, parallel=parallel,
+                               source=str(path), longest=config.max_position_embeddings, **kv)
+        context = _context_length(config, context_length)
+        return make_plan(config, weights, device=device, dtype=model_dtype, context=context, parallel=parallel,
+                         free=free_bytes, **kv)
 
     @property
     def config(self) -> ModelConfig:
