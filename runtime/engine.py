@@ -114,6 +114,7 @@ class Engine:
         kv_rotation: bool = True,
         paged_kv: bool = False,
         parallel: int = 1,
+        on_progress: Callable[[int, int], bool | None] | None = None,
     ) -> Engine:
         """Load an HF checkpoint folder, a GGUF file or an ONNX folder (`kiln export`'s, or onnxruntime-genai's
         builder's) onto `device` in `dtype` ('auto', 'float32', 'bf16', ...; an ONNX graph keeps its own).
@@ -126,6 +127,8 @@ class Engine:
         16-position pages whose full pages are found again by the hash of their prefix (runtime.paged_cache).
         `parallel` > 1 runs up to that many generations at once in one batch (continuous batching over a shared
         page pool, runtime.scheduler; attention-only models); with 1 they run one after another.
+        `on_progress(done, total)` is called after each weight tensor (a desktop app's progress bar); returning
+        False aborts the load with LoadAbortedError, and what was loaded is freed.
         """
         from kilnlm.export.checkpoint import open_checkpoint
 
@@ -146,7 +149,7 @@ class Engine:
         packed = device.type == "cuda" if packed_weights is None else packed_weights
         source_tensors = checkpoint.tensors(packed=True) if packed and hasattr(checkpoint, "packed") else checkpoint.tensors()
         tensors = tqdm(
-            source_tensors,
+            _reporting(source_tensors, checkpoint.num_tensors(), on_progress, str(path)),
             total=checkpoint.num_tensors() or None,
             desc=f"loading {path.name}",
             unit="tensor",
@@ -384,6 +387,18 @@ class Engine:
                 on_finish(stats)
 
         yield from scheduler.stream(ids, params, cancel, finished)
+
+
+class LoadAbortedError(KilnError):
+    """The caller's progress callback asked to stop loading."""
+
+
+def _reporting(tensors, total: int, on_progress: Callable[[int, int], bool | None] | None, source: str):
+    """The (name, tensor) stream, telling `on_progress` after each one; a False answer stops the load."""
+    for done, item in enumerate(tensors, start=1):
+        yield item
+        if on_progress is not None and on_progress(done, total) is False:
+            raise LoadAbortedError(f"{source}: loading stopped by the caller after {done} of {total} tensors")
 
 
 def _generation_params(

@@ -116,3 +116,13 @@ def test_parallel_is_refused_for_recurrent_models(tmp_path, sp_tokenizer_files):
     add_tokenizer(tmp_path, sp_tokenizer_files)
     with pytest.raises(KilnError, match="recurrent layers"):
         Engine.load(tmp_path, progress=False, parallel=2)
+
+
+def test_load_progress_callback_reports_and_can_abort():
+    from kilnlm.runtime.engine import LoadAbortedError
+
+    seen = []
+    Engine.load(demo_model_path(), progress=False, on_progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1][0] == seen[-1][1] == len(seen) > 10
+    with pytest.raises(LoadAbortedError, match="after 3 of"):
+        Engine.load(demo_model_path(), progress=False, on_progress=lambda done, total: done < 3)
