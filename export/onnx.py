@@ -243,7 +243,8 @@ def _build_graph(checkpoint, target: str, ep: str, accuracy_level: int):
     g.weight("cos_cache", cos.astype(dtype))
     g.weight("sin_cache", sin.astype(dtype))
 
-    x = _embed(g, weight("embed_tokens.weight"))
+    embedding = weight("embed_tokens.weight")  # prepared once: a tied model's head is the same matrix
+    x = _embed(g, embedding)
     residual = None
     for i in range(config.num_layers):
         p = f"layers.{i}."
@@ -259,7 +260,7 @@ def _build_graph(checkpoint, target: str, ep: str, accuracy_level: int):
         g.node("Mul", [f"{p}mlp/silu", up], [f"{p}mlp/act"])
         x = g.linear(f"{p}mlp/act", weight(p + "mlp.down_proj.weight"), p + "mlp.down_proj")
     normed, _ = _norm(g, x, residual, tensor("norm.weight"), eps, "norm")
-    head = weight("embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight")
+    head = embedding if config.tie_word_embeddings else weight("lm_head.weight")
     g.node("Identity", [g.linear(normed, head, "lm_head")], ["logits"])
     graph = helper.make_graph(g.nodes, "kilnlm", inputs, outputs, g.initializers)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),

@@ -159,9 +159,8 @@ class Engine:
         )
         model_dtype = resolve_dtype(dtype, device)
         if device.type == "cuda" and context_length is None:  # the largest context that fits, before allocating
-            context_length = cls.plan(path, device=device, dtype=model_dtype, parallel=parallel,
-                                      packed_weights=packed, **{k: v for k, v in kv_options.items()
-                                                                if k in ("k_type", "v_type")}).context_length
+            context_length = _plan(checkpoint, str(path), device, model_dtype, None, parallel, packed, None,
+                                   kv_options["k_type"], kv_options["v_type"]).context_length
         with torch.device("meta"):  # refuse bad cache options before the (slow) weights load, allocating nothing
             model_class(config)(config).new_cache(1, **kv_options)
         if parallel > 1 and set(config.layer_kinds()) != {"attention"}:
@@ -193,26 +192,15 @@ class Engine:
         is for the largest context that fits; OutOfMemoryPlanError when even the weights do not.
         """
         from kilnlm.export.checkpoint import open_checkpoint
-        from kilnlm.runtime.plan import checkpoint_weight_bytes, fit_context, make_plan
 
         device = torch.device(device)
-        checkpoint = open_checkpoint(Path(path))
-        config = checkpoint.config
         # Planning for a GPU this machine does not have (a what-if): 'auto' means bf16 there.
         no_gpu = device.type == "cuda" and not torch.cuda.is_available()
         model_dtype = torch.bfloat16 if no_gpu and dtype == "auto" else resolve_dtype(dtype, torch.device("cpu")
                                                                                       if no_gpu else device)
         packed = device.type == "cuda" if packed_weights is None else packed_weights
-        weights = checkpoint_weight_bytes(checkpoint, model_dtype, packed)
-        if free_bytes is None and device.type == "cuda" and torch.cuda.is_available():
-            free_bytes = torch.cuda.mem_get_info(device)[0]
-        kv = {"k_type": k_type or kv_type, "v_type": v_type or kv_type}
-        if context_length is None and free_bytes is not None:
-            return fit_context(config, weights, device=device, dtype=model_dtype, free=free_bytes, parallel=parallel,
-                               source=str(path), longest=config.max_position_embeddings, **kv)
-        context = _context_length(config, context_length)
-        return make_plan(config, weights, device=device, dtype=model_dtype, context=context, parallel=parallel,
-                         free=free_bytes, **kv)
+        return _plan(open_checkpoint(Path(path)), str(path), device, model_dtype, context_length, parallel, packed,
+                     free_bytes, k_type or kv_type, v_type or kv_type)
 
     @property
     def config(self) -> ModelConfig:
@@ -387,6 +375,23 @@ class Engine:
                 on_finish(stats)
 
         yield from scheduler.stream(ids, params, cancel, finished)
+
+
+def _plan(checkpoint, source: str, device: torch.device, dtype: torch.dtype, context_length: int | None,
+          parallel: int, packed: bool, free_bytes: int | None, k_type: str | None, v_type: str | None):
+    """Engine.plan for an opened checkpoint (Engine.load plans with the checkpoint it loads)."""
+    from kilnlm.runtime.plan import checkpoint_weight_bytes, fit_context, make_plan
+
+    config = checkpoint.config
+    weights = checkpoint_weight_bytes(checkpoint, dtype, packed)
+    if free_bytes is None and device.type == "cuda" and torch.cuda.is_available():
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    kv = {"k_type": k_type, "v_type": v_type}
+    if context_length is None and free_bytes is not None:
+        return fit_context(config, weights, device=device, dtype=dtype, free=free_bytes, parallel=parallel,
+                           source=source, longest=config.max_position_embeddings, **kv)
+    return make_plan(config, weights, device=device, dtype=dtype, context=_context_length(config, context_length),
+                     parallel=parallel, free=free_bytes, **kv)
 
 
 class LoadAbortedError(KilnError):

@@ -127,7 +127,12 @@ def load_onnx_folder(folder: Path, device: torch.device) -> OnnxDecoder:
     """Open an ONNX folder with onnxruntime on `device` (CPU, or CUDA with onnxruntime-gpu)."""
     import onnxruntime as ort
 
-    settings = json.loads((folder / GENAI_CONFIG).read_text(encoding="utf-8"))
+    try:
+        settings = json.loads((folder / GENAI_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{folder / GENAI_CONFIG}: not readable JSON ({err})") from None
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{folder / GENAI_CONFIG}: expected a JSON object")
     decoder_file = folder / settings.get("model", {}).get("decoder", {}).get("filename", "model.onnx")
     if not decoder_file.is_file():
         raise CheckpointError(f"{folder}: genai_config.json names {decoder_file.name}, which is missing")

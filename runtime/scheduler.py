@@ -61,6 +61,7 @@ class BatchScheduler:
         self.model, self.tokenizer = model, tokenizer
         self.parallel, self.capacity = parallel, capacity
         self.device = weight.device
+        self.eos = frozenset(tokenizer.eos_ids)
         self._waiting: queue.Queue[_Request] = queue.Queue()
         self._active: list[_Request] = []
         self._closing = False
@@ -152,7 +153,7 @@ class BatchScheduler:
         params, stats = request.params, request.stats
         token = request.sampler(request.logits, request.history)
         request.logits = None
-        if token in (set() if params.ignore_eos else set(self.tokenizer.eos_ids)):
+        if token in self.eos and not params.ignore_eos:
             self._finish(request, "eos")
             return False
         stats.generated_tokens += 1

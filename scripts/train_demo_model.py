@@ -70,26 +70,16 @@ class TrainResult:
         return self.tokens_seen / self.seconds
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_training_arguments(parser: argparse.ArgumentParser, *, vocab_size: int, lr: float) -> None:
+    """The corpus, tokenizer, optimiser and schedule options every training script here shares."""
     parser.add_argument("--text", nargs="+", type=Path, required=True, help="plain-text training files (UTF-8)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (HF format)")
     parser.add_argument("--minutes", type=float, default=20.0, help="training time budget; 0 = no limit (default 20)")
     parser.add_argument("--steps", type=int, default=None, help="number of optimizer steps (default: fill --minutes)")
-    parser.add_argument("--vocab-size", type=int, default=2048)
-    parser.add_argument("--hidden-size", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--intermediate-size", type=int, default=688)
+    parser.add_argument("--vocab-size", type=int, default=vocab_size)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    parser.add_argument("--lr", type=float, default=lr, help="peak learning rate")
     parser.add_argument("--min-lr-ratio", type=float, default=0.1, help="final LR as a fraction of the peak")
     parser.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
     parser.add_argument("--weight-decay", type=float, default=0.1)
@@ -98,10 +88,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--doc-chars", type=int, default=2000, help="approximate characters per BOS..EOS document")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+
+
+def parse_training_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, refusing a run with neither a time budget nor a step count."""
     args = parser.parse_args(argv)
     if args.minutes <= 0 and args.steps is None:
         parser.error("--minutes 0 (no time limit) needs --steps")
     return args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_training_arguments(parser, vocab_size=2048, lr=2e-3)
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--intermediate-size", type=int, default=688)
+    return parse_training_args(parser, argv)
 
 
 # ---------------------------------------------------------------- data

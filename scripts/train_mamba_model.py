@@ -41,31 +41,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (the demo script's, with Mamba-2 sizes instead of attention ones)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=EXAMPLE,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--text", nargs="+", type=Path, required=True, help="plain-text training files (UTF-8)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (HF format)")
-    parser.add_argument("--minutes", type=float, default=20.0, help="training time budget; 0 = no limit (default 20)")
-    parser.add_argument("--steps", type=int, default=None, help="number of optimizer steps (default: fill --minutes)")
-    parser.add_argument("--vocab-size", type=int, default=1024)
+    demo.add_training_arguments(parser, vocab_size=1024, lr=3e-3)
     parser.add_argument("--hidden-size", type=int, default=192)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=32)
     parser.add_argument("--state-size", type=int, default=32)
     parser.add_argument("--groups", type=int, default=1)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    parser.add_argument("--min-lr-ratio", type=float, default=0.1, help="final LR as a fraction of the peak")
-    parser.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
-    parser.add_argument("--weight-decay", type=float, default=0.1)
-    parser.add_argument("--eval-every", type=int, default=50, help="steps between validation passes")
-    parser.add_argument("--val-fraction", type=float, default=0.05, help="tail of the text held out")
-    parser.add_argument("--doc-chars", type=int, default=2000, help="approximate characters per BOS..EOS document")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
-    if args.minutes <= 0 and args.steps is None:
-        parser.error("--minutes 0 (no time limit) needs --steps")
-    return args
+    return demo.parse_training_args(parser, argv)
 
 
 def model_config(args: argparse.Namespace, vocab_size: int) -> ModelConfig:

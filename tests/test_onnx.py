@@ -445,3 +445,14 @@ def test_llm_int8_file_through_onnxruntime_genai(tmp_path, shared_dir):
             tokens.append(int(logits.argmax()))
             logits = ours(torch.tensor([[tokens[-1]]]), cache)[0, -1]
     assert _genai_greedy(og, tmp_path / "onnx", [1], 32) == tokens
+
+
+def test_a_malformed_genai_config_is_a_clear_error(tmp_path):
+    from kilnlm import Engine
+
+    (tmp_path / "genai_config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="genai_config.json: not readable JSON"):
+        Engine.load(tmp_path, progress=False)
+    (tmp_path / "genai_config.json").write_text('{"model": {}}')
+    with pytest.raises(CheckpointError, match="model.onnx, which is missing"):
+        Engine.load(tmp_path, progress=False)

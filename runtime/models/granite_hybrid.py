@@ -13,14 +13,12 @@ llama.cpp also splits it.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kilnlm.runtime.cache import Cache, LayerCache, new_kv_cache
 from kilnlm.runtime.config import ModelConfig
-from kilnlm.runtime.models.llama import MLP, Attention, RMSNorm
+from kilnlm.runtime.models.llama import MLP, Attention, LlamaModel, RMSNorm
 from kilnlm.runtime.models.mamba import Mamba2Mixer
-from kilnlm.runtime.rope import RotaryEmbedding
 
 _MLP_GROUPS = (("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 LINEAR_GROUPS = {
@@ -58,54 +56,14 @@ class HybridBlock(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x)) * self.residual_multiplier
 
 
-class GraniteHybridModel(nn.Module):
-    """A Granite-4.0-H language model (dense: one MLP per layer, no experts)."""
-
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(self.make_block(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(config) if config.use_rope else None
+class GraniteHybridModel(LlamaModel):
+    """A Granite-4.0-H language model (dense: one MLP per layer, no experts): the Llama model's embedding, loop,
+    multipliers and head around hybrid blocks."""
 
     @staticmethod
     def make_block(config: ModelConfig, layer: int) -> HybridBlock:
         """Block `layer` of a model with `config` (calibration builds blocks one at a time)."""
         return HybridBlock(config, layer)
-
-    @staticmethod
-    def block_context(config: ModelConfig, start: int, length: int,
-                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The RoPE tables of positions start..start+length-1, or None when the model encodes no positions."""
-        return RotaryEmbedding(config).to(device)(start, length) if config.use_rope else None
-
-    def prepare(self, device: torch.device) -> None:
-        """Move the RoPE frequencies (a buffer built outside the weights) to `device`."""
-        if self.rotary is not None:
-            self.rotary.to(device)
-
-    def forward(
-        self, input_ids: torch.Tensor, cache: Cache | None = None, *, last_logits_only: bool = False
-    ) -> torch.Tensor:
-        """Logits (B, T, V) in fp32 for input_ids (B, T), placed after the positions already in `cache`."""
-        length = input_ids.shape[1]
-        start = 0
-        if cache is not None:
-            cache.check_room(length)
-            start = cache.offsets()
-        rope = self.rotary(start, length) if self.rotary is not None else None
-        x = self.embed_tokens(input_ids) * self.config.embedding_multiplier  # (B, T, H)
-        for layer in self.layers:
-            x = layer(x, rope, cache)
-        if cache is not None:
-            cache.commit_rows(input_ids)
-        if last_logits_only:
-            x = x[:, -1:]
-        x = self.norm(x)
-        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head).float() / self.config.logits_scaling
 
     def new_cache(self, capacity: int, batch: int = 1, *, paged: bool = False, **kv_options) -> LayerCache:
         """Keys and values for the attention layers (kv_options: see new_kv_cache) and a recurrent state for the

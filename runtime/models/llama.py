@@ -99,9 +99,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: Cache | None) -> torch.Tensor:
-        """x (B, T, H) -> (B, T, H); `rope` is the (cos, sin) tables of the positions of x."""
-        x = x + self.self_attn(self.input_layernorm(x), *rope, cache)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: Cache | None) -> torch.Tensor:
+        """x (B, T, H) -> (B, T, H); `rope` is the (cos, sin) tables of the positions of x (None: no RoPE)."""
+        x = x + self.self_attn(self.input_layernorm(x), *(rope or (None, None)), cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -115,7 +116,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(self.make_block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(config)
+        self.rotary = RotaryEmbedding(config) if config.use_rope else None
 
     @staticmethod
     def make_block(config: ModelConfig, layer: int) -> DecoderLayer:
@@ -124,13 +125,15 @@ class LlamaModel(nn.Module):
 
     @staticmethod
     def block_context(config: ModelConfig, start: int, length: int,
-                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the blocks take besides hidden states and cache for positions start..start+length-1: RoPE tables."""
-        return RotaryEmbedding(config).to(device)(start, length)
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """What the blocks take besides hidden states and cache for positions start..start+length-1: RoPE tables
+        (None for a model without position encoding)."""
+        return RotaryEmbedding(config).to(device)(start, length) if config.use_rope else None
 
     def prepare(self, device: torch.device) -> None:
         """Move the RoPE frequencies (a buffer built outside the weights) to `device`."""
-        self.rotary.to(device)
+        if self.rotary is not None:
+            self.rotary.to(device)
 
     def forward(
         self, input_ids: torch.Tensor, cache: Cache | None = None, *, last_logits_only: bool = False
@@ -141,8 +144,10 @@ class LlamaModel(nn.Module):
         if cache is not None:
             cache.check_room(length)
             start = cache.offsets()  # per sequence for a batch of sequences at different lengths
-        rope = self.rotary(start, length)
+        rope = self.rotary(start, length) if self.rotary is not None else None
         x = self.embed_tokens(input_ids)  # (B, T, H)
+        if self.config.embedding_multiplier != 1.0:  # muP-style scaling (Granite)
+            x = x * self.config.embedding_multiplier
         for layer in self.layers:
             x = layer(x, rope, cache)
         if cache is not None:
@@ -151,7 +156,8 @@ class LlamaModel(nn.Module):
             x = x[:, -1:]
         x = self.norm(x)
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(x, head).float()
+        logits = torch.nn.functional.linear(x, head).float()
+        return logits / self.config.logits_scaling if self.config.logits_scaling != 1.0 else logits
 
     def new_cache(self, capacity: int, batch: int = 1, *, paged: bool = False, **kv_options) -> Cache:
         """A KV cache for up to `capacity` positions on the model's device: dense per-layer stores (kv_options:
