@@ -244,14 +244,21 @@ class GGUFBackend:
         # llama.cpp sorts its special tokens by length, longest first, and cuts them out in that order.
         self._specials = sorted(self.added, key=lambda i: len(self._tokens[i]), reverse=True)
         self._encode_fragment = self._fragment_encoder()
-        self._piece = functools.lru_cache(maxsize=1 << 17)(self._piece_bytes)
+        self._piece = functools.lru_cache(maxsize=1 << 17)(self.piece_bytes)
 
     # ------------------------------------------------------------------------------------------ encoding
 
     def encode(self, text: str) -> list[int]:
         """Ids of `text`: special tokens as single ids, each text fragment through the vocabulary's model."""
+        return self._encode(text, at_start=True)
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """Ids of `text` following earlier text: like encode, but no space prefix before the first fragment."""
+        return self._encode(text, at_start=False)
+
+    def _encode(self, text: str, at_start: bool) -> list[int]:
         ids: list[int] = []
-        previous_special = True  # SPM puts its space prefix before the first fragment and after every token
+        previous_special = at_start  # SPM puts its space prefix before the first fragment and after every token
         for fragment in self._partition(text):
             if isinstance(fragment, int):
                 ids.append(fragment)
@@ -328,7 +335,7 @@ class GGUFBackend:
 
     # ------------------------------------------------------------------------------------------ decoding
 
-    def _piece_bytes(self, token_id: int) -> bytes:
+    def piece_bytes(self, token_id: int) -> bytes:
         """The bytes one token renders as (llama.cpp's token_to_piece with special tokens rendered)."""
         text, kind = self._tokens[token_id], self.rules.types[token_id]
         if kind in _SPECIAL_TYPES:
@@ -340,7 +347,7 @@ class GGUFBackend:
         if self._kind == "rwkv":
             return tm.unescape_rwkv(text)
         if self._kind == "bpe" and self._pre.byte_encode:
-            return _unbyte(text)
+            return tm.unbyte(text)
         return text.replace(tm.SPACE_ESCAPE, " ").encode()
 
     def decode(self, ids: list[int]) -> str:
@@ -367,21 +374,6 @@ class GGUFBackend:
 
 
 # --------------------------------------------------------------------------------------------- byte-pair encoding
-
-
-def _byte_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map."""
-    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    extra = iter(range(256, 512))
-    return {b: chr(b) if b in printable else chr(next(extra)) for b in range(256)}
-
-
-_UNICODE_TO_BYTE = {c: b for b, c in _byte_to_unicode().items()}
-
-
-def _unbyte(text: str) -> bytes:
-    """A byte-level token's bytes; characters outside GPT-2's map are kept as UTF-8, as llama.cpp does."""
-    return b"".join(bytes([_UNICODE_TO_BYTE[c]]) if c in _UNICODE_TO_BYTE else c.encode() for c in text)
 
 
 class _BPE:

@@ -32,12 +32,14 @@ import sentencepiece as spm
 import tokenizers
 
 from kilnlm.errors import TokenizerError
+from kilnlm.runtime.tokenizer_models import SPACE_ESCAPE, unbyte
 
 # A serialized NormalizerSpec (ModelProto field 3) holding only add_dummy_prefix (its field 3) = false.
 # Protobuf merges a repeated singular message field into the first one, so appending these four bytes to a
 # model turns the dummy prefix off without a protobuf dependency; the sentencepiece API has no switch for it.
 _NO_DUMMY_PREFIX = b"\x1a\x02\x18\x00"
 _REPLACEMENT_CHAR = "\ufffd"
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback pieces
 
 
 @dataclass(frozen=True)
@@ -57,9 +59,11 @@ class _Backend(Protocol):
     added: dict[int, AddedToken]
 
     def encode(self, text: str) -> list[int]: ...
+    def encode_continuation(self, text: str) -> list[int]: ...
     def decode(self, ids: list[int]) -> str: ...
     def id_to_piece(self, token_id: int) -> str: ...
     def token_to_id(self, piece: str) -> int | None: ...
+    def piece_bytes(self, token_id: int) -> bytes: ...
 
 
 # --------------------------------------------------------------------------------------------- backends
@@ -113,6 +117,12 @@ class _SentencePieceBackend:
                 ids.extend(sp.encode(part))
         return ids
 
+    def encode_continuation(self, text: str) -> list[int]:
+        """Ids of `text` as it would be tokenized after earlier text: no dummy-prefix space anywhere."""
+        parts = self._pattern.split(text) if self._pattern else [text]
+        return [i for k, part in enumerate(parts) if part
+                for i in ([self._by_content[part]] if k % 2 else self._sp_no_prefix.encode(part))]
+
     def decode(self, ids: list[int]) -> str:
         """Text of `ids`; added tokens render as their content, runs of other ids through sentencepiece."""
         out: list[str] = []
@@ -146,6 +156,17 @@ class _SentencePieceBackend:
         token_id = self.sp.piece_to_id(piece)
         return token_id if self.sp.id_to_piece(token_id) == piece else None  # unknown pieces map to <unk>
 
+    def piece_bytes(self, token_id: int) -> bytes:
+        """The bytes the id adds inside a text: "▁" is a space, a byte-fallback piece its byte."""
+        if token_id in self.added:
+            return self.added[token_id].content.encode()
+        self._check_pieces([token_id])
+        if self.sp.is_byte(token_id):
+            return bytes([int(_BYTE_PIECE.fullmatch(self.sp.id_to_piece(token_id)).group(1), 16)])
+        if self.sp.is_unused(token_id):
+            return b""
+        return self.sp.id_to_piece(token_id).replace(SPACE_ESCAPE, " ").encode()
+
 
 class _TokenizersBackend:
     """An HF `tokenizers` Tokenizer (tokenizer.json); it matches its own added tokens."""
@@ -157,10 +178,18 @@ class _TokenizersBackend:
         self._tok = tok
         self.added = {i: AddedToken(i, t.content, t.special) for i, t in tok.get_added_tokens_decoder().items()}
         self.vocab_size = max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+        data = json.loads(tok.to_str())
+        # GPT-2 style vocabularies spell bytes as printable characters; SentencePiece-style ones use "▁".
+        self._byte_level = "ByteLevel" in json.dumps(data.get("decoder"))
+        self._no_prefix_tok = tokenizers.Tokenizer.from_str(json.dumps(_without_space_prefix(data)))
 
     def encode(self, text: str) -> list[int]:
         """Ids of `text`, without the post-processor (Tokenizer adds BOS itself)."""
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """Ids of `text` as it would be tokenized after earlier text (no prefix space added at its start)."""
+        return self._no_prefix_tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
         """Text of `ids`, special tokens included (Tokenizer has already removed the ones to skip)."""
@@ -176,6 +205,35 @@ class _TokenizersBackend:
     def token_to_id(self, piece: str) -> int | None:
         """The id of a token string, or None."""
         return self._tok.token_to_id(piece)
+
+    def piece_bytes(self, token_id: int) -> bytes:
+        """The bytes the id adds inside a text (byte-level pieces mapped back to bytes, "▁" as a space)."""
+        if token_id in self.added:
+            return self.added[token_id].content.encode()
+        piece = self.id_to_piece(token_id)
+        if self._byte_level:
+            return unbyte(piece)
+        if byte := _BYTE_PIECE.fullmatch(piece):
+            return bytes([int(byte.group(1), 16)])
+        return piece.replace(SPACE_ESCAPE, " ").encode()
+
+
+def _without_space_prefix(node: Any) -> Any:
+    """A copy of tokenizer.json data whose normalizer and pre-tokenizer add no space at the start of a text
+    (Prepend("▁") normalizers dropped, Metaspace never prepending, ByteLevel not adding a prefix space)."""
+    if isinstance(node, list):
+        return [_without_space_prefix(item) for item in node
+                if not (isinstance(item, dict) and item.get("type") == "Prepend")]
+    if not isinstance(node, dict):
+        return node
+    if node.get("type") == "Prepend":
+        return None
+    node = {key: _without_space_prefix(value) for key, value in node.items()}
+    if node.get("type") == "Metaspace":
+        node.update(prepend_scheme="never", add_prefix_space=False)
+    if node.get("type") == "ByteLevel" and "add_prefix_space" in node:
+        node["add_prefix_space"] = False
+    return node
 
 
 def _load_tokenizers_json(json_str: str, source: str) -> tokenizers.Tokenizer:
@@ -306,6 +364,17 @@ class Tokenizer:
     def id_to_piece(self, token_id: int) -> str:
         """The vocabulary piece (or added-token string) of an id."""
         return self._backend.id_to_piece(token_id)
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """Ids of `text` as a continuation of earlier text: no BOS, and no start-of-text space prefix (the
+        tokenization a grammar's forced text gets in the middle of an answer)."""
+        return self._backend.encode_continuation(text)
+
+    def token_bytes(self) -> list[bytes]:
+        """What each id adds to a text, as bytes, by id (the vocabulary a grammar is matched against). Special
+        tokens are b"\xff" + their string, the mark llguidance and llama.cpp give text no grammar can spell."""
+        return [b"\xff" + self.id_to_piece(i).encode() if i in self.special_ids else self._backend.piece_bytes(i)
+                for i in range(self.vocab_size)]
 
     def stream(self, skip_special: bool = True) -> StreamDecoder:
         """A fresh incremental decoder for one generated sequence."""

@@ -386,3 +386,18 @@ class Plamo2:
 def _round_half_away(value: float) -> int:
     """C's round(): halves go away from zero (Python's round() goes to even)."""
     return int(math.copysign(math.floor(abs(value) + 0.5), value))
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    extra = iter(range(256, 512))
+    return {b: chr(b) if b in printable else chr(next(extra)) for b in range(256)}
+
+
+_UNICODE_TO_BYTE = {c: b for b, c in _byte_to_unicode().items()}
+
+
+def unbyte(text: str) -> bytes:
+    """A byte-level token's bytes; characters outside GPT-2's map are kept as UTF-8, as llama.cpp does."""
+    return b"".join(bytes([_UNICODE_TO_BYTE[c]]) if c in _UNICODE_TO_BYTE else c.encode() for c in text)

@@ -474,3 +474,14 @@ def test_tiny_model_exported_to_gguf_tokenizes_like_its_hf_folder(tmp_path, pre)
         assert from_gguf.encode(text) == from_hf.encode(text), text
         ids = from_hf.encode(text)
         assert from_gguf.decode(ids) == from_hf.decode(ids), text
+
+
+def test_gguf_token_bytes_spell_a_continuation():
+    """Grammar masks: an SPM vocabulary's continuation has no space prefix; byte tokens are their byte."""
+    tokenizer = tokenizer_from_gguf(_spm_metadata(), "spm")
+    assert tokenizer.encode_continuation("a a") == [260, 261]
+    table = tokenizer.token_bytes()
+    assert b"".join(table[i] for i in tokenizer.encode_continuation("a a")) == b"a a"
+    assert table[3 + 0x41] == b"A" and table[2] == b"\xff</s>"
+    bpe = tokenizer_from_gguf(_bpe_metadata(), "bpe")
+    assert bpe.token_bytes() == [b"a", b"b", b"ab", b" ", b" ab", b"\xff<|eot|>"]

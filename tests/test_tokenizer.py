@@ -646,3 +646,51 @@ def test_stories260k_hf_folder() -> None:
     text = "Once upon a time, there was a little girl named Lily.\nShe liked to play."
     assert tok.encode(text) == [1, *sp.encode(text)]
     assert tok.decode(tok.encode(text)) == text
+
+
+# --------------------------------------------------------------------------------------- token bytes (grammars)
+
+
+def _spelled(tokenizer: Tokenizer, ids: list[int]) -> bytes:
+    table = tokenizer.token_bytes()
+    return b"".join(table[i] for i in ids)
+
+
+def test_sentencepiece_token_bytes_spell_a_continuation(llama_sp_folder: Path) -> None:
+    """Grammar masks match text against each token's bytes: "▁" is a space, byte pieces their byte, and a
+    continuation gets no dummy-prefix space."""
+    tokenizer = Tokenizer.from_hf_folder(llama_sp_folder)
+    for text in STRINGS:
+        ids = tokenizer.encode_continuation(text)
+        assert _spelled(tokenizer, ids) == text.encode(), text
+    assert tokenizer.encode("Hello", add_bos=False) != tokenizer.encode_continuation("Hello")
+    assert _spelled(tokenizer, tokenizer.encode("Hello", add_bos=False)) == b" Hello"
+    table = tokenizer.token_bytes()
+    assert len(table) == tokenizer.vocab_size
+    assert all(table[i].startswith(b"\xff") for i in tokenizer.special_ids)
+    assert table[tokenizer.token_to_id("<extra>")] == b"<extra>"  # an added, not special, token is plain text
+
+
+def test_byte_level_token_bytes_spell_any_text(llama3_folder: Path) -> None:
+    tokenizer = Tokenizer.from_hf_folder(llama3_folder)
+    for text in STRINGS:
+        assert _spelled(tokenizer, tokenizer.encode_continuation(text)) == text.encode(), text
+    eot = tokenizer.token_to_id("<|eot_id|>")
+    assert tokenizer.token_bytes()[eot] == b"\xff<|eot_id|>"
+
+
+def test_metaspace_tokenizer_json_continuation_has_no_prefix_space() -> None:
+    """Mistral-style tokenizer.json (Metaspace prepending "▁" to the first word, byte fallback)."""
+    tok = tokenizers.Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    tok.decoder = decoders.Sequence([decoders.Metaspace(prepend_scheme="first"), decoders.ByteFallback()])
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer)
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    for b in range(256):  # byte-fallback pieces live in the model's vocabulary, as in Mistral's files
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    tokenizer = Tokenizer.from_tokenizers_json(json.dumps(data), bos_id=1, eos_ids=[2])
+    assert _spelled(tokenizer, tokenizer.encode("hello world", add_bos=False)) == b" hello world"
+    for text in ["hello world", "日本語 🦙", " two  spaces"]:
+        assert _spelled(tokenizer, tokenizer.encode_continuation(text)) == text.encode(), text
