@@ -3,7 +3,7 @@
 from kilnlm.errors import KilnError
 
 __version__ = "0.1.0"
-__all__ = ["Engine", "KilnError", "__version__"]
+__all__ = ["Engine", "Grammar", "KilnError", "__version__"]
 
 
 def __getattr__(name: str):
@@ -12,4 +12,8 @@ def __getattr__(name: str):
         from kilnlm.runtime.engine import Engine
 
         return Engine
+    if name == "Grammar":
+        from kilnlm.runtime.grammar import Grammar
+
+        return Grammar
     raise AttributeError(f"module 'kilnlm' has no attribute {name!r}")

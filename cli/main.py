@@ -11,6 +11,8 @@ from kilnlm.errors import KilnError
 
 GENERATE_EXAMPLE = """example:
   kiln generate ./Llama-3.2-1B -p "The capital of France is" --max-tokens 32 --temperature 0
+  kiln generate ./Llama-3.2-1B -p "A person as JSON:" --json-schema '{"type": "object", "properties": {"name": {"type": "string"}}}'
+  kiln generate ./Llama-3.2-1B -p "Answer yes or no:" --grammar-file yes_no.gbnf
 """
 CHAT_EXAMPLE = """example:
   kiln chat ./Qwen2-0.5B-Instruct --system "You are terse."
@@ -104,6 +106,11 @@ def _add_sampling_options(parser: argparse.ArgumentParser, temperature: float) -
     parser.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty (1.0: off)")
     parser.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     parser.add_argument("--stop", action="append", default=[], help="stop when this string appears (repeatable)")
+    constrained = parser.add_mutually_exclusive_group()
+    constrained.add_argument("--json-schema", default=None, metavar="SCHEMA",
+                             help="answer only JSON valid under this schema (JSON text; '{}' for any JSON value)")
+    constrained.add_argument("--grammar-file", default=None, metavar="FILE",
+                             help="answer only text this grammar allows: .gbnf (llama.cpp's), .lark or .json (a schema)")
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -112,6 +119,17 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
         "top_p": args.top_p, "min_p": args.min_p, "repetition_penalty": args.repeat_penalty,
         "seed": args.seed, "stop": args.stop,
     }
+
+
+def _grammar_kwargs(args: argparse.Namespace) -> dict:
+    """The grammar of --json-schema / --grammar-file, read before the model loads so mistakes fail fast."""
+    from kilnlm.runtime.grammar import Grammar
+
+    if args.json_schema is not None:
+        return {"grammar": Grammar.json_schema(args.json_schema)}
+    if args.grammar_file is not None:
+        return {"grammar": Grammar.from_file(args.grammar_file)}
+    return {}
 
 
 def _load(args: argparse.Namespace, model: str | None, **engine_options):
@@ -159,8 +177,9 @@ def _report(engine) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """kiln generate: continue a prompt; only the generated text goes to stdout."""
+    grammar = _grammar_kwargs(args)
     engine = _load(args, args.model)
-    _stream_to_stdout(engine.generate(args.prompt, stream=True, **_sampling_kwargs(args)))
+    _stream_to_stdout(engine.generate(args.prompt, stream=True, **_sampling_kwargs(args), **grammar))
     sys.stdout.write("\n")
     _report(engine)
     return 0
@@ -168,9 +187,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """kiln demo: generate with the bundled model and report the speed."""
+    grammar = _grammar_kwargs(args)
     engine = _load(args, None)
     sys.stdout.write(args.prompt)  # the demo shows its prompt; `kiln generate` prints only new text
-    _stream_to_stdout(engine.generate(args.prompt, stream=True, **_sampling_kwargs(args)))
+    _stream_to_stdout(engine.generate(args.prompt, stream=True, **_sampling_kwargs(args), **grammar))
     sys.stdout.write("\n")
     stats = engine.last_stats
     print(f"[demo] {stats.generated_tokens} tokens, decode {stats.decode_tokens_per_second:.1f} tokens/s, "
@@ -183,6 +203,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from kilnlm.runtime.engine import _generation_params
 
     _generation_params(**_sampling_kwargs(args))  # bad sampling options fail now, not at the first message
+    grammar = _grammar_kwargs(args)
     engine = _load(args, args.model)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
@@ -199,7 +220,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        messages.append({"role": "assistant", "content": _answer(engine, messages, args)})
+        messages.append({"role": "assistant", "content": _answer(engine, messages, args, grammar)})
 
 
 def _read_user_line() -> str | None:
@@ -209,10 +230,10 @@ def _read_user_line() -> str | None:
         return None
 
 
-def _answer(engine, messages: list[dict], args: argparse.Namespace) -> str:
+def _answer(engine, messages: list[dict], args: argparse.Namespace, grammar: dict) -> str:
     pieces: list[str] = []
     try:
-        for piece in engine.chat(messages, stream=True, **_sampling_kwargs(args)):
+        for piece in engine.chat(messages, stream=True, **_sampling_kwargs(args), **grammar):
             pieces.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -441,9 +462,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               allowed_origins=tuple(args.allow_origin), max_tokens_cap=args.max_tokens_cap,
                               queue_cap=args.queue_cap, model_name=args.model_name or Path(args.model or "demo").name)
     settings.check()  # before the (slow) load
-    engine = _load(args, args.model, parallel=args.parallel)
-    _info(f"serving {settings.model_name} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)")
-    serve(engine, settings)
+    _info(f"serving {settings.model_name} on http://{args.host}:{args.port}/v1 (Ctrl-C stops); /health answers "
+          "503 until the model has loaded")
+    serve(lambda: _load(args, args.model, parallel=args.parallel), settings)
     return 0
 
 

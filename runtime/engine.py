@@ -33,6 +33,7 @@ from kilnlm.runtime.cache import Cache
 from kilnlm.runtime.chat import ChatTemplate
 from kilnlm.runtime.config import ModelConfig
 from kilnlm.runtime.generate import GenerationParams, GenerationStats, Generator
+from kilnlm.runtime.grammar import Grammar, GrammarVocabulary, TokenConstraint
 from kilnlm.runtime.models import build_model, model_class
 from kilnlm.runtime.onnx_decoder import is_onnx_folder, load_onnx_folder
 from kilnlm.runtime.sampling import SamplingParams
@@ -96,6 +97,7 @@ class Engine:
             raise KilnError(f"parallel must be at least 1, got {parallel}")
         self.parallel = parallel
         self._scheduler = None  # the continuous-batching worker when parallel > 1, started on first use
+        self._grammar_vocabulary: GrammarVocabulary | None = None  # built on the first constrained call
 
     @classmethod
     def load(
@@ -264,21 +266,25 @@ class Engine:
         add_bos: bool | None = None,
         on_finish: Callable[[GenerationStats], None] | None = None,
         cancel: threading.Event | None = None,
+        grammar: Grammar | None = None,
         **options,
     ) -> str | Iterator[str]:
         """Continue `prompt` (text or token ids); options: max_tokens, temperature, top_k, top_p, min_p,
         repetition_penalty, seed, stop, ignore_eos. Returns the text, or an iterator of pieces with stream=True.
         `on_finish(stats)` is called when the generation ends (stats of this call, whatever other threads do);
-        setting `cancel` (from any thread) stops this call, and only this one, at its next step."""
+        setting `cancel` (from any thread) stops this call, and only this one, at its next step. With a
+        `grammar` (runtime.grammar.Grammar: a JSON schema, Lark, regex or GBNF) only text it allows comes out,
+        and the generation ends (finish reason "stop") when the grammar is complete."""
         ids = self.tokenizer.encode(prompt, add_bos=add_bos) if isinstance(prompt, str) else list(prompt)
-        return self._run(ids, _generation_params(**options), stream, on_finish, cancel)
+        return self._run(ids, _generation_params(**options), stream, on_finish, cancel, grammar)
 
     def chat(self, messages: list[dict], *, stream: bool = False,
              on_finish: Callable[[GenerationStats], None] | None = None, cancel: threading.Event | None = None,
-             **options) -> str | Iterator[str]:
-        """Answer the conversation `messages` ([{"role": ..., "content": ...}, ...]) as the assistant."""
-        ids = self.chat_prompt_ids(messages)
-        return self._run(ids, _generation_params(**options), stream, on_finish, cancel)
+             grammar: Grammar | None = None, tools: list[dict] | None = None, **options) -> str | Iterator[str]:
+        """Answer the conversation `messages` ([{"role": ..., "content": ...}, ...]) as the assistant; `tools`
+        (OpenAI-style function definitions) are shown to the model through its chat template."""
+        ids = self.chat_prompt_ids(messages, tools=tools)
+        return self._run(ids, _generation_params(**options), stream, on_finish, cancel, grammar)
 
     async def astream(self, prompt: str | Sequence[int] | list[dict], **options) -> AsyncIterator[str]:
         """The pieces of generate(prompt) (or chat(messages) for a list of message dicts) for asyncio code; the
@@ -321,24 +327,34 @@ class Engine:
                     queue.get_nowait()
                 await asyncio.sleep(0.005)
 
-    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
-        """The conversation rendered with the chat template and tokenized, ready for the assistant's turn."""
-        text = self.chat_template.render(messages, add_generation_prompt=True)
+    def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The conversation rendered with the chat template (and `tools`, when given) and tokenized, ready for
+        the assistant's turn."""
+        text = self.chat_template.render(messages, add_generation_prompt=True, **({"tools": tools} if tools else {}))
         bos = self.tokenizer.bos_token
         # Templates usually write the BOS themselves; add one only when the tokenizer wants it and it is absent.
         add_bos = self.tokenizer.add_bos and not (bos and text.startswith(bos))
         return self.tokenizer.encode(text, add_bos=add_bos)
 
+    def constraint(self, grammar: Grammar) -> TokenConstraint:
+        """A fresh matcher of `grammar` over this model's vocabulary (GrammarError if it does not compile)."""
+        vocabulary = self._grammar_vocabulary
+        if vocabulary is None:  # two threads may both build it; the result is the same
+            vocabulary = self._grammar_vocabulary = GrammarVocabulary(self.tokenizer)
+        return vocabulary.constraint(grammar)
+
     def _run(self, ids: list[int], params: GenerationParams, stream: bool,
              on_finish: Callable[[GenerationStats], None] | None,
-             cancel: threading.Event | None) -> str | Iterator[str]:
-        pieces = self._locked_stream(ids, params, on_finish, cancel or threading.Event())
+             cancel: threading.Event | None, grammar: Grammar | None) -> str | Iterator[str]:
+        constraint = self.constraint(grammar) if grammar is not None else None  # a bad grammar fails here
+        pieces = self._locked_stream(ids, params, on_finish, cancel or threading.Event(), constraint)
         return pieces if stream else "".join(pieces)
 
     def _locked_stream(self, ids: list[int], params: GenerationParams,
-                       on_finish: Callable[[GenerationStats], None] | None, cancel: threading.Event) -> Iterator[str]:
+                       on_finish: Callable[[GenerationStats], None] | None, cancel: threading.Event,
+                       constraint: TokenConstraint | None) -> Iterator[str]:
         if self.parallel > 1:
-            yield from self._batched_stream(ids, params, on_finish, cancel)
+            yield from self._batched_stream(ids, params, on_finish, cancel, constraint)
             return
         with self._lock:
             stats = GenerationStats(prompt_tokens=len(ids), finish_reason="error")
@@ -348,7 +364,7 @@ class Engine:
                 self._running = cancel
                 generator = Generator(self.model, self.tokenizer, self.cache, cancel=cancel)
                 try:
-                    yield from generator.stream(ids, params)
+                    yield from generator.stream(ids, params, constraint)
                 finally:
                     self._running = None
                     stats = self.last_stats = generator.stats
@@ -358,7 +374,8 @@ class Engine:
 
 
     def _batched_stream(self, ids: list[int], params: GenerationParams,
-                        on_finish: Callable[[GenerationStats], None] | None, cancel: threading.Event) -> Iterator[str]:
+                        on_finish: Callable[[GenerationStats], None] | None, cancel: threading.Event,
+                        constraint: TokenConstraint | None) -> Iterator[str]:
         with self._lock:  # only to start the worker once and to see close()
             if self._closed:
                 raise EngineClosedError(f"{self.source}: the engine was closed; load the model again")
@@ -374,7 +391,7 @@ class Engine:
             if on_finish is not None:
                 on_finish(stats)
 
-        yield from scheduler.stream(ids, params, cancel, finished)
+        yield from scheduler.stream(ids, params, cancel, finished, constraint)
 
 
 def _plan(checkpoint, source: str, device: torch.device, dtype: torch.dtype, context_length: int | None,

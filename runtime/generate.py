@@ -18,6 +18,7 @@ from kilnlm.runtime.cache import PREFILL_CHUNK, Cache
 from kilnlm.runtime.sampling import Sampler, SamplingParams
 
 if TYPE_CHECKING:
+    from kilnlm.runtime.grammar import TokenConstraint
     from kilnlm.runtime.tokenizer import Tokenizer
 
 
@@ -108,8 +109,10 @@ class Generator:
         self.stats = GenerationStats()
 
     @torch.inference_mode()
-    def stream(self, prompt_ids: Sequence[int], params: GenerationParams) -> Iterator[str]:
-        """Yield the generated text piece by piece; self.stats describes the run when the iterator ends."""
+    def stream(self, prompt_ids: Sequence[int], params: GenerationParams,
+               constraint: TokenConstraint | None = None) -> Iterator[str]:
+        """Yield the generated text piece by piece (only what `constraint`'s grammar allows, if given);
+        self.stats describes the run when the iterator ends."""
         if not prompt_ids:
             raise ValueError("the prompt has no tokens")
         self.stats = stats = GenerationStats(prompt_tokens=len(prompt_ids))
@@ -121,11 +124,12 @@ class Generator:
             return
         self.cache.checkpoint()  # the next turn's prompt starts with this one (recurrent layers resume here)
         try:
-            yield from self._decode(logits, prompt_ids, params)
+            yield from self._decode(logits, prompt_ids, params, constraint)
         finally:
             self.cache.checkpoint()  # ... or with this answer
 
-    def _decode(self, logits: torch.Tensor, prompt_ids: Sequence[int], params: GenerationParams) -> Iterator[str]:
+    def _decode(self, logits: torch.Tensor, prompt_ids: Sequence[int], params: GenerationParams,
+                constraint: TokenConstraint | None) -> Iterator[str]:
         """Sample from `logits`, run each token, and yield the text as it becomes safe to show."""
         stats = self.stats
         sampler = Sampler(params.sampling, device=logits.device)
@@ -136,16 +140,18 @@ class Generator:
         decode_started = time.perf_counter()
         stats.finish_reason = "cancelled"  # replaced below unless the consumer abandons the stream
         while not self.cancel.is_set():
-            token = sampler(logits, history)
+            token = sampler(constraint.mask(logits) if constraint else logits, history)
             if token in eos:
                 stats.finish_reason = "eos"
                 break
+            if constraint:
+                constraint.advance(token)
             stats.generated_tokens += 1
             stats.token_ids.append(token)
             piece = stops.feed(detok.push(token))
             if piece:
                 yield piece
-            if stops.stopped:
+            if stops.stopped or (constraint and constraint.finished):
                 stats.finish_reason = "stop"
                 break
             if stats.generated_tokens >= params.max_new_tokens or self.cache.length >= self.cache.capacity:

@@ -25,6 +25,7 @@ from torch import nn
 
 from kilnlm.runtime.cache import PREFILL_CHUNK
 from kilnlm.runtime.generate import GenerationParams, GenerationStats, StopStringFilter
+from kilnlm.runtime.grammar import GrammarError, TokenConstraint
 from kilnlm.runtime.paged_cache import DEFAULT_PAGE, KVPagePool, PagedBatch, PagedKVCache
 from kilnlm.runtime.sampling import Sampler
 
@@ -48,6 +49,7 @@ class _Request:
     history: torch.Tensor | None = None
     detok: object = None
     stops: StopStringFilter | None = None
+    constraint: TokenConstraint | None = None  # the grammar the answer must follow, if any
 
 
 class BatchScheduler:
@@ -69,9 +71,10 @@ class BatchScheduler:
         self._thread.start()
 
     def stream(self, ids: Sequence[int], params: GenerationParams, cancel: threading.Event,
-               on_finish: Callable[[GenerationStats], None]) -> Iterator[str]:
+               on_finish: Callable[[GenerationStats], None],
+               constraint: TokenConstraint | None = None) -> Iterator[str]:
         """Queue a generation; yield its text pieces as the batch produces them."""
-        request = _Request(list(ids), params, cancel, on_finish)
+        request = _Request(list(ids), params, cancel, on_finish, constraint=constraint)
         self._waiting.put(request)
         try:
             while (item := request.out.get()) is not _END:
@@ -150,18 +153,28 @@ class BatchScheduler:
 
     def _sample(self, request: _Request) -> bool:
         """Choose the request's next token and emit its text; False when the request has finished."""
+        try:
+            return self._choose(request)
+        except GrammarError as err:  # this request's grammar failed: it ends alone, the batch goes on
+            self._finish(request, "error", err)
+            return False
+
+    def _choose(self, request: _Request) -> bool:
         params, stats = request.params, request.stats
-        token = request.sampler(request.logits, request.history)
+        constraint = request.constraint
+        token = request.sampler(constraint.mask(request.logits) if constraint else request.logits, request.history)
         request.logits = None
         if token in self.eos and not params.ignore_eos:
             self._finish(request, "eos")
             return False
+        if constraint:
+            constraint.advance(token)
         stats.generated_tokens += 1
         stats.token_ids.append(token)
         piece = request.stops.feed(request.detok.push(token))
         if piece:
             request.out.put(piece)
-        if request.stops.stopped:
+        if request.stops.stopped or (constraint and constraint.finished):
             self._finish(request, "stop")
             return False
         if stats.generated_tokens >= params.max_new_tokens or request.cache.length + 1 >= request.cache.capacity:
