@@ -4,7 +4,9 @@ Routes: POST /v1/chat/completions and /v1/completions (streaming as server-sent 
 GET /v1/models, GET /health (public), GET /metrics (Prometheus text). Requests go to the engine: one at a time,
 or with Engine.load(parallel=N) (`kiln serve --parallel N`) up to N decoded together in one batch over the
 paged cache (runtime/scheduler.py). A client that disconnects from a stream cancels its generation at the next
-decode step.
+decode step. `response_format` (json_object, json_schema) is enforced by constrained decoding
+(runtime/grammar.py), and `tools` are shown through the chat template and parsed back (runtime/tools.py);
+`tool_choice` "required" or a named function forces a call with a grammar.
 
 Safety for a desktop sidecar: loopback by default, a non-loopback bind only with an API key (compared in
 constant time), the Host header checked on loopback (DNS rebinding, as in ollama's CVE-2024-28224), CORS
@@ -19,9 +21,12 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kilnlm.errors import KilnError
+from kilnlm.runtime.grammar import Grammar, GrammarError
+from kilnlm.runtime.tools import ToolCallStream, ToolError, ToolFormat, check_tools, template_messages, tool_format
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
 
@@ -112,8 +117,89 @@ def sampling_options(body: dict, cap: int) -> dict:
     return options
 
 
+def response_grammar(body: dict) -> Grammar | None:
+    """The grammar of OpenAI's `response_format` ({"type": "text" | "json_object" | "json_schema", ...})."""
+    form = body.get("response_format")
+    if form is None:
+        return None
+    kind = form.get("type") if isinstance(form, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Grammar.json_object()
+    if kind == "json_schema":
+        spec = form.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise RequestError(400, "response_format json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": {...}}}")
+        return Grammar.json_schema(spec["schema"])
+    raise RequestError(400, "response_format type must be text, json_object or json_schema")
+
+
+def chat_messages(messages: object) -> list[dict]:
+    """OpenAI messages as the chat template takes them: text content parts joined, call arguments as objects."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "messages must be a non-empty list")
+    out = []
+    for i, message in enumerate(messages):
+        if isinstance(message, dict) and isinstance(message.get("content"), list):
+            parts = message["content"]
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in parts):
+                raise RequestError(400, f"messages[{i}].content: only text parts are supported by this model")
+            message = {**message, "content": "".join(p["text"] for p in parts)}
+        out.append(message)
+    return template_messages(out)
+
+
+@dataclass
+class ToolRequest:
+    """The tools of a chat request: the functions shown to the model, how it writes calls, and the choice."""
+
+    tools: list[dict]
+    form: ToolFormat
+    grammar: Grammar | None  # forces a call (tool_choice "required" or a named function)
+
+
+def tool_request(body: dict, template: str | None, tokenizer) -> ToolRequest | None:
+    """The request's `tools` and `tool_choice`, or None when the model is not to call any."""
+    if not body.get("tools"):
+        return None
+    choice = body.get("tool_choice", "auto")
+    if choice == "none":
+        return None
+    try:
+        tools = check_tools(body["tools"])
+    except ToolError as err:
+        raise RequestError(400, str(err)) from None
+    form = tool_format(template)
+    if form is None:
+        raise RequestError(400, "this model's chat template does not offer tools (or writes calls in a format kilnlm "
+                                "does not read: hermes <tool_call>, mistral [TOOL_CALLS], llama3 JSON)")
+    parallel = body.get("parallel_tool_calls", True) is not False
+    if choice == "auto":
+        return ToolRequest(tools, form, None)
+    if choice == "required":
+        return ToolRequest(tools, form, form.grammar(tools, tokenizer, parallel=parallel))
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if not isinstance(name, str):
+        raise RequestError(400, 'tool_choice must be "none", "auto", "required" or {"type": "function", '
+                                '"function": {"name": ...}}')
+    try:
+        return ToolRequest(tools, form, form.grammar(tools, tokenizer, name=name, parallel=parallel))
+    except ToolError as err:
+        raise RequestError(400, str(err)) from None
+
+
+class EngineSlot:
+    """The engine a server answers with, or None while it is still loading (/health says 503 until then)."""
+
+    def __init__(self, engine=None):
+        self.engine = engine
+        self.error: BaseException | None = None  # why loading failed, if it did
+
+
 def create_app(engine, settings: ServerSettings):
-    """The Starlette application serving `engine` with `settings`."""
+    """The Starlette application serving `engine` (an Engine, or an EngineSlot filled once it has loaded)."""
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
     from starlette.requests import Request
@@ -122,6 +208,12 @@ def create_app(engine, settings: ServerSettings):
 
     settings.check()
     metrics = Metrics()
+    slot = engine if isinstance(engine, EngineSlot) else EngineSlot(engine)
+
+    def loaded():
+        if slot.engine is None:
+            raise RequestError(503, "the model is still loading; retry when /health answers 200", "loading")
+        return slot.engine
 
     def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
         return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
@@ -141,13 +233,11 @@ def create_app(engine, settings: ServerSettings):
             raise RequestError(400, "the body must be a JSON object")
         return body
 
-    def prompt_ids(body: dict, chat: bool) -> list[int]:
+    def prompt_ids(engine, body: dict, chat: bool, tools: ToolRequest | None) -> list[int]:
         if chat:
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages:
-                raise RequestError(400, "messages must be a non-empty list")
+            messages = chat_messages(body.get("messages"))
             try:
-                ids = engine.chat_prompt_ids(messages)
+                ids = engine.chat_prompt_ids(messages, tools=tools.tools if tools else None)
             except KilnError as err:
                 raise RequestError(400, str(err)) from None
         else:
@@ -178,12 +268,20 @@ def create_app(engine, settings: ServerSettings):
 
     async def completions(request: Request, chat: bool) -> Response:
         try:
+            engine = loaded()
             body = await read_json(request)
-            ids = prompt_ids(body, chat)
+            tools = tool_request(body, engine.chat_template.source, engine.tokenizer) if chat else None
+            ids = prompt_ids(engine, body, chat, tools)
             options = sampling_options(body, settings.max_tokens_cap)
+            grammar = tools.grammar if tools and tools.grammar else response_grammar(body)
+            if grammar is not None:
+                engine.constraint(grammar)  # a grammar that does not compile is the client's error: 400
+                options["grammar"] = grammar
             admit()
         except RequestError as err:
             return error(err.status, err.message, err.kind)
+        except GrammarError as err:
+            return error(400, str(err))
         created, request_id = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         finished: list = []
 
@@ -192,11 +290,12 @@ def create_app(engine, settings: ServerSettings):
             leave(stats)
 
         pieces = engine.astream(ids, on_finish=on_finish, **options)
+        form = tools.form if tools else None
         if body.get("stream"):
-            return StreamingResponse(_events(pieces, finished, chat, request_id, created, settings.model_name),
+            return StreamingResponse(_events(pieces, finished, chat, form, request_id, created, settings.model_name),
                                      media_type="text/event-stream")
         text = "".join([piece async for piece in pieces])
-        return JSONResponse(_whole(text, finished[0], chat, request_id, created, settings.model_name))
+        return JSONResponse(_whole(text, finished[0], chat, form, request_id, created, settings.model_name))
 
     async def chat_completions(request: Request) -> Response:
         return await completions(request, chat=True)
@@ -209,10 +308,12 @@ def create_app(engine, settings: ServerSettings):
                                                           "created": 0, "owned_by": "kilnlm"}]})
 
     async def health(request: Request) -> Response:
+        if slot.engine is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def metrics_route(request: Request) -> Response:
-        return PlainTextResponse(metrics.text(engine.cached_tokens()))
+        return PlainTextResponse(metrics.text(slot.engine.cached_tokens() if slot.engine is not None else 0))
 
     routes = [Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/completions", text_completions, methods=["POST"]),
@@ -289,17 +390,24 @@ def _finish_reason(stats) -> str:
     return {"eos": "stop", "stop": "stop", "length": "length"}.get(stats.finish_reason, "stop")
 
 
-def _whole(text: str, stats, chat: bool, request_id: str, created: int, model: str) -> dict:
+def _whole(text: str, stats, chat: bool, form: ToolFormat | None, request_id: str, created: int,
+           model: str) -> dict:
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": _finish_reason(stats)}
+        content, calls = form.parse(text) if form else (text, [])
+        message = {"role": "assistant", "content": content.strip() or None if calls else content}
+        if calls:
+            message["tool_calls"] = [call.openai() for call in calls]
+        choice = {"index": 0, "message": message, "finish_reason": "tool_calls" if calls else _finish_reason(stats)}
     else:
         choice = {"index": 0, "text": text, "finish_reason": _finish_reason(stats), "logprobs": None}
     return {"id": request_id, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": model, "choices": [choice], "usage": _usage(stats)}
 
 
-async def _events(pieces, finished: list, chat: bool, request_id: str, created: int, model: str):
-    """Server-sent events of a streaming completion; a disconnect closes `pieces`, which cancels generation."""
+async def _events(pieces, finished: list, chat: bool, form: ToolFormat | None, request_id: str, created: int,
+                  model: str):
+    """Server-sent events of a streaming completion; a disconnect closes `pieces`, which cancels generation.
+    With tools, text that may be a call is held back and the calls come as one `tool_calls` delta at the end."""
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def event(delta: dict | str, finish: str | None) -> bytes:
@@ -307,20 +415,46 @@ async def _events(pieces, finished: list, chat: bool, request_id: str, created: 
             {"index": 0, "text": delta, "finish_reason": finish, "logprobs": None}
         return f"data: {json.dumps({'id': request_id, 'object': kind, 'created': created, 'model': model, 'choices': [choice]})}\n\n".encode()
 
+    calls_stream = ToolCallStream(form) if form else None
     try:
         if chat:
             yield event({"role": "assistant", "content": ""}, None)
         async for piece in pieces:
-            yield event({"content": piece} if chat else piece, None)
-        yield event({} if chat else "", _finish_reason(finished[0]))
+            if calls_stream:
+                piece = calls_stream.feed(piece)
+            if piece:
+                yield event({"content": piece} if chat else piece, None)
+        calls = []
+        if calls_stream:
+            rest, calls = calls_stream.finish()
+            if rest.strip() if calls else rest:
+                yield event({"content": rest}, None)
+        if calls:
+            yield event({"tool_calls": [{"index": i, **call.openai()} for i, call in enumerate(calls)]}, None)
+        yield event({} if chat else "", "tool_calls" if calls else _finish_reason(finished[0]))
         yield b"data: [DONE]\n\n"
     finally:
         await pieces.aclose()  # a client that went away: cancel the generation (no-op when it finished)
 
 
-def serve(engine, settings: ServerSettings) -> None:
-    """Run the server until interrupted (uvicorn, one process, one event loop)."""
+def serve(load: Callable[[], object], settings: ServerSettings) -> None:
+    """Listen at once, load the engine with `load()` in the background (/health answers 503 until it is ready),
+    and serve until interrupted (uvicorn, one process, one event loop). A failed load stops the server and is
+    raised here."""
     import uvicorn
 
-    app = create_app(engine, settings)
-    uvicorn.run(app, host=settings.host.strip("[]"), port=settings.port, log_level="warning")
+    slot = EngineSlot()
+    server = uvicorn.Server(uvicorn.Config(create_app(slot, settings), host=settings.host.strip("[]"),
+                                           port=settings.port, log_level="warning"))
+
+    def load_engine() -> None:
+        try:
+            slot.engine = load()
+        except BaseException as err:  # handed to the caller once the server has stopped
+            slot.error = err
+            server.should_exit = True
+
+    threading.Thread(target=load_engine, name="kilnlm-load", daemon=True).start()
+    server.run()
+    if slot.error is not None:
+        raise slot.error

@@ -194,3 +194,134 @@ def test_parallel_server_streams_several_requests_at_once():
         instance.should_exit = True
         thread.join(timeout=10)
         engine.close()
+
+
+# --------------------------------------------------------------------------------------------- structured output
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+          "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0}}}
+
+
+def test_response_format_json_schema_and_json_object(server):
+    _, settings = server
+    client = _client(settings)
+    form = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    answer = client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=60, temperature=1.0,
+                                            seed=3, response_format=form)
+    person = json.loads(answer.choices[0].message.content)
+    assert set(person) == {"name", "age"} and isinstance(person["age"], int) and len(person["name"]) <= 12
+    assert answer.choices[0].finish_reason == "stop"
+    chunks = client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=60, temperature=1.0,
+                                            seed=3, response_format=form, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == answer.choices[0].message.content
+    anything = client.completions.create(model="demo", prompt="ROMEO:", max_tokens=60, temperature=1.0, seed=1,
+                                         extra_body={"response_format": {"type": "json_object"}})
+    assert isinstance(json.loads(anything.choices[0].text), dict)
+
+
+def test_bad_response_formats_and_unsupported_tools_are_400(server):
+    _, settings = server
+    client = _client(settings)
+    for form in ({"type": "xml"}, {"type": "json_schema"},
+                 {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "string", "pattern": "[a-"}}}):
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=4, response_format=form)
+    tool = {"type": "function", "function": {"name": "noop"}}
+    with pytest.raises(openai.BadRequestError, match="does not offer tools"):  # the demo model has no template
+        client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=4, tools=[tool])
+    with pytest.raises(openai.BadRequestError, match="only text parts"):
+        client.chat.completions.create(model="demo", max_tokens=4, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
+    parts = client.chat.completions.create(model="demo", max_tokens=8, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "Speak, "}, {"type": "text", "text": "ROMEO."}]}])
+    assert parts.choices[0].message.content == client.chat.completions.create(
+        model="demo", max_tokens=8, temperature=0, messages=MESSAGES).choices[0].message.content
+
+
+@pytest.fixture(scope="module")
+def tool_server():
+    from test_tools import HERMES_TEMPLATE
+
+    from kilnlm.runtime.chat import ChatTemplate
+
+    engine = Engine.load(demo_model_path(), progress=False, context_length=512)
+    engine.chat_template = ChatTemplate(HERMES_TEMPLATE, eos_token="</s>")
+    settings = ServerSettings(port=_free_port(), max_tokens_cap=100, model_name="demo")
+    instance = uvicorn.Server(uvicorn.Config(create_app(engine, settings), host="127.0.0.1", port=settings.port,
+                                             log_level="error"))
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    while not instance.started:
+        time.sleep(0.05)
+    yield openai.OpenAI(base_url=f"http://127.0.0.1:{settings.port}/v1", api_key="unused", max_retries=0)
+    instance.should_exit = True
+    thread.join(timeout=10)
+    engine.close()
+
+
+def test_tool_choice_required_and_named_return_tool_calls(tool_server):
+    from test_tools import NOOP, WEATHER
+
+    client = tool_server
+    question = [{"role": "user", "content": "What is the weather in Verona for three days?"}]
+    answer = client.chat.completions.create(model="demo", messages=question, tools=[WEATHER, NOOP], temperature=1.0,
+                                            seed=2, tool_choice="required", parallel_tool_calls=False)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.function.name in ("get_weather", "noop") and call.id.startswith("call_")
+    json.loads(call.function.arguments)
+    named = client.chat.completions.create(
+        model="demo", messages=question, tools=[WEATHER, NOOP], temperature=1.0, seed=4, parallel_tool_calls=False,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, stream=True)
+    deltas = [c.choices[0] for c in named]
+    streamed = [t for d in deltas for t in (d.delta.tool_calls or [])]
+    assert [t.function.name for t in streamed] == ["get_weather"] and deltas[-1].finish_reason == "tool_calls"
+    arguments = json.loads(streamed[0].function.arguments)
+    assert set(arguments) == {"city", "days"}
+    # The client runs the tool and sends the result back: the template renders the call and the result.
+    follow_up = [*question, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": streamed[0].id, "type": "function",
+         "function": {"name": "get_weather", "arguments": streamed[0].function.arguments}}]},
+        {"role": "tool", "tool_call_id": streamed[0].id, "content": '{"forecast": "rain"}'}]
+    final = client.chat.completions.create(model="demo", messages=follow_up, tools=[WEATHER], max_tokens=8,
+                                           temperature=0, tool_choice="none")
+    assert final.choices[0].message.tool_calls is None and final.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError, match="not among the tools"):
+        client.chat.completions.create(model="demo", messages=question, tools=[WEATHER],
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})
+
+
+def test_health_is_503_while_loading_then_200():
+    from kilnlm.runtime.server import EngineSlot
+
+    slot = EngineSlot()
+    settings = ServerSettings(port=_free_port(), model_name="demo")
+    instance = uvicorn.Server(uvicorn.Config(create_app(slot, settings), host="127.0.0.1", port=settings.port,
+                                             log_level="error"))
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    while not instance.started:
+        time.sleep(0.05)
+    try:
+        status, body, _ = _raw(settings, "GET", "/health")
+        assert status == 503 and json.loads(body)["status"] == "loading"
+        status, body, _ = _raw(settings, "POST", "/v1/completions", json.dumps({"prompt": "x"}).encode())
+        assert status == 503 and b"still loading" in body
+        slot.engine = Engine.load(demo_model_path(), progress=False, context_length=64)
+        assert _raw(settings, "GET", "/health")[0] == 200
+        status, body, _ = _raw(settings, "POST", "/v1/completions",
+                               json.dumps({"prompt": "ROMEO:", "max_tokens": 3}).encode())
+        assert status == 200 and json.loads(body)["usage"]["completion_tokens"] <= 3
+    finally:
+        instance.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_kiln_serve_reports_a_model_that_fails_to_load(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "kilnlm.cli", "serve", str(tmp_path / "missing-model"), "--port",
+                             str(_free_port())], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "missing-model" in result.stderr
