@@ -24,7 +24,8 @@ numpy mirror), except in edge cases where those are undefined, useless or disagr
 
 NaN and Inf weights are rejected by every format: they mean a corrupt checkpoint.
 Input weights of any float dtype are converted to float32 first, as ggml's quantisers read f32.
-K-quants (Q2_K..Q6_K) are read-only: they dequantise llama.cpp files but cannot be produced here.
+K-quants (Q2_K..Q6_K) are quantized as ggml's quantize_row_*_ref, bit for bit (their scale searches are in
+quant/kquant_search.py).
 """
 
 from __future__ import annotations
@@ -40,6 +41,18 @@ import torch
 from gguf.constants import GGML_QUANT_SIZES, QK_K, GGMLQuantizationType
 
 from kilnlm.errors import KilnError
+from kilnlm.quant.kquant_search import (
+    GROUP_MAX_EPS,
+    f32,
+    first_abs_max,
+    make_q3_quants,
+    make_qkx2_quants,
+    make_qp_quants,
+    make_qx_quants,
+    nearest_int,
+    over,
+    sequential_sum,
+)
 
 __all__ = [
     "QuantizationError",
@@ -55,6 +68,8 @@ __all__ = [
     "Q8_0",
     "Q4_0",
     "Q4_1",
+    "Q5_0",
+    "Q5_1",
     "Q2_K",
     "Q3_K",
     "Q4_K",
@@ -83,7 +98,7 @@ class WeightFormat(ABC):
     gguf_type: GGMLQuantizationType | None
     block_size: int
     bytes_per_block: int
-    can_quantize: bool = True
+    uses_importance = False  # whether llama.cpp weights this format's rounding by an importance matrix
     # Byte offsets of the fp16 scale d and minimum m in a block, for legacy formats where every weight
     # is d * code (+ m); None where the format has no such single field (float types, K-quants).
     scale_offset: int | None = None
@@ -111,13 +126,12 @@ class WeightFormat(ABC):
             )
         return (*shape[:-1], cols // self.block_size * self.bytes_per_block)
 
-    def quantize(self, weights: torch.Tensor) -> torch.Tensor:
-        """Pack float weights (..., cols) into uint8 (..., cols // block_size * bytes_per_block)."""
-        if not self.can_quantize:
-            raise QuantizationError(
-                f"{self.name} is read-only in kilnlm: it can dequantise llama.cpp files but not be "
-                f"produced; quantize to one of {', '.join(f.name for f in registered_formats() if f.can_quantize)}"
-            )
+    def quantize(self, weights: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+        """Pack float weights (..., cols) into uint8 (..., cols // block_size * bytes_per_block).
+
+        `importance` (cols,) is an importance-matrix entry (the mean square of each input column's activations,
+        quant/imatrix.py): formats llama.cpp weights by one (`uses_importance`) choose their scales and codes
+        as llama-quantize --imatrix does; the others ignore it, as llama.cpp does."""
         if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
             kind = weights.dtype if isinstance(weights, torch.Tensor) else type(weights).__name__
             raise QuantizationError(f"{self.name}: expected a floating-point torch.Tensor, got {kind}")
@@ -126,10 +140,37 @@ class WeightFormat(ABC):
         check_finite(w, self.name)
         blocks = w.reshape(-1, self.block_size)
         packed = torch.empty((blocks.shape[0], self.bytes_per_block), dtype=torch.uint8, device=w.device)
+        if importance is not None and self.uses_importance:
+            self._quantize_with_importance(blocks, self._importance_blocks(importance, w.shape[-1]), packed)
+            return packed.reshape(out_shape)
         step = max(1, _CHUNK_WEIGHTS // self.block_size)
         for start in range(0, blocks.shape[0], step):
             packed[start : start + step] = self._quantize_blocks(blocks[start : start + step])
         return packed.reshape(out_shape)
+
+    def _importance_blocks(self, importance: torch.Tensor, cols: int) -> torch.Tensor:
+        """The importance entry checked and split like one row: float32 (cols // block_size, block_size)."""
+        imp = torch.as_tensor(importance, dtype=torch.float32).flatten()
+        if imp.numel() != cols:
+            raise QuantizationError(f"{self.name}: the importance entry has {imp.numel()} values for {cols} columns; "
+                                    "was the importance matrix made for another model?")
+        if not bool(torch.isfinite(imp).all()) or bool((imp < 0).any()):
+            raise QuantizationError(f"{self.name}: the importance entry holds negative or non-finite values")
+        return imp.reshape(-1, self.block_size)
+
+    def _quantize_with_importance(self, blocks: torch.Tensor, importance: torch.Tensor, packed: torch.Tensor) -> None:
+        """Fill `packed` from `blocks`, whole rows at a time, each row's blocks weighted by `importance`."""
+        per_row = importance.shape[0]
+        step = max(1, _CHUNK_WEIGHTS // (per_row * self.block_size)) * per_row
+        for start in range(0, blocks.shape[0], step):
+            chunk = blocks[start : start + step]
+            weights = importance.repeat(chunk.shape[0] // per_row, 1)
+            packed[start : start + step] = self._quantize_weighted(chunk, weights, per_row)
+
+    def _quantize_weighted(self, blocks: torch.Tensor, importance: torch.Tensor, per_row: int) -> torch.Tensor:
+        """float32 (n_blocks, block_size) with their importance (same shape), whole rows of `per_row` blocks ->
+        uint8 (n_blocks, bytes_per_block). Formats with `uses_importance` implement it."""
+        raise NotImplementedError
 
     def dequantize(self, packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         """Unpack uint8 data (any shape holding prod(packed_shape(shape)) bytes) to float32 `shape`."""
@@ -231,10 +272,12 @@ class QuantizedTensor:
             )
 
     @classmethod
-    def from_float(cls, weights: torch.Tensor, fmt: WeightFormat | str) -> QuantizedTensor:
-        """Quantize `weights` into `fmt` (a format or its registered name)."""
+    def from_float(cls, weights: torch.Tensor, fmt: WeightFormat | str,
+                   importance: torch.Tensor | None = None) -> QuantizedTensor:
+        """Quantize `weights` into `fmt` (a format or its registered name), weighted by an importance-matrix
+        entry where the format uses one (see WeightFormat.quantize)."""
         fmt = get_format(fmt) if isinstance(fmt, str) else fmt
-        return cls(fmt, tuple(weights.shape), fmt.quantize(weights))
+        return cls(fmt, tuple(weights.shape), fmt.quantize(weights, importance))
 
     @property
     def nbytes(self) -> int:
@@ -400,6 +443,12 @@ class Q8_0Format(WeightFormat):
         return q * d
 
 
+def _row_energy_weights(blocks: torch.Tensor, importance: torch.Tensor, per_row: int) -> torch.Tensor:
+    """ggml's legacy-format imatrix weights qw * sqrt(sigma2 + x^2), sigma2 being the mean square of the whole row."""
+    rows = blocks.reshape(-1, per_row * blocks.shape[1])
+    return _energy_weights(blocks, importance, _mean_square(rows).repeat_interleave(per_row))
+
+
 class Q4_0Format(WeightFormat):
     """Q4_0, 18 bytes per 32 weights: d fp16 (2) | qs (16) with weights 0..15 in the low nibbles
     and 16..31 in the high nibbles. w = d * (q - 8), d = -(signed value of largest magnitude) / 8."""
@@ -418,6 +467,13 @@ class Q4_0Format(WeightFormat):
         # x * id + 8.5 >= 0, so floor is ggml's truncation (and cheaper than torch.trunc).
         q = (blocks * safe_reciprocal(d)).add_(8.5).floor_().to(torch.uint8).clamp_(max=15)
         return torch.cat([_to_fp16_bytes(d, self.name, "scale"), pack_nibbles(q)], dim=-1)
+
+    uses_importance = True
+
+    def _quantize_weighted(self, blocks: torch.Tensor, importance: torch.Tensor, per_row: int) -> torch.Tensor:
+        """quantize_row_q4_0_impl: codes and scale by make_qx_quants weighted by qw * sqrt(sigma2 + x^2)."""
+        codes, d = make_qx_quants(blocks, 8, _row_energy_weights(blocks, importance, per_row))
+        return torch.cat([_to_fp16_bytes(d[:, None], self.name, "scale"), pack_nibbles(codes)], dim=-1)
 
     def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         d = fp16_field(blocks, self.scale_offset)
@@ -443,6 +499,15 @@ class Q4_1Format(WeightFormat):
         m_bytes = _to_fp16_bytes(lo, self.name, "minimum")
         return torch.cat([d_bytes, m_bytes, pack_nibbles(q)], dim=-1)
 
+    uses_importance = True
+
+    def _quantize_weighted(self, blocks: torch.Tensor, importance: torch.Tensor, per_row: int) -> torch.Tensor:
+        """quantize_row_q4_1_impl: a weighted scale-and-min search (make_qkx3_quants)."""
+        weights = _row_energy_weights(blocks, importance, per_row)
+        codes, d, offset = make_qkx2_quants(blocks, weights, 15, -0.9, f32(0.05), 36, use_mad=False)
+        return torch.cat([_to_fp16_bytes(d[:, None], self.name, "scale"),
+                          _to_fp16_bytes(-offset[:, None], self.name, "minimum"), pack_nibbles(codes)], dim=-1)
+
     def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         d = fp16_field(blocks, self.scale_offset)
         m = fp16_field(blocks, self.min_offset)
@@ -451,15 +516,136 @@ class Q4_1Format(WeightFormat):
 
 
 # ---------------------------------------------------------------------------------------------
-# K-quants: super-blocks of QK_K = 256 weights, read-only.
+# Q5_0 / Q5_1: blocks of 32 weights with a fifth bit per weight.
+
+
+def _pack_fifth_bits(q: torch.Tensor) -> torch.Tensor:
+    """uint8 codes (n, 32) in 0..31 -> (n, 4): bit j of the little-endian uint32 is code j's bit 4."""
+    bits = ((q >> 4) & 1).to(torch.int64) << torch.arange(32, device=q.device)
+    return le_bytes(bits.sum(dim=-1, keepdim=True).to(torch.int32))
+
+
+def _unpack_fifth_bits(qh: torch.Tensor) -> torch.Tensor:
+    """(n, 4) -> uint8 (n, 32): bit 4 of each code."""
+    word = qh.contiguous().view(torch.int32).to(torch.int64)  # (n, 1)
+    return (((word >> torch.arange(32, device=qh.device)) & 1) << 4).to(torch.uint8)
+
+
+class Q5_0Format(WeightFormat):
+    """Q5_0, 22 bytes per 32 weights: d fp16 (2) | qh (4; bit j = code j's 5th bit) | qs (16, nibbles as
+    Q4_0). w = d * (q - 16), d = -(signed value of largest magnitude) / 16."""
+
+    name = "q5_0"
+    gguf_type = GGMLQuantizationType.Q5_0
+    block_size, bytes_per_block = GGML_QUANT_SIZES[GGMLQuantizationType.Q5_0]
+    scale_offset = 0
+
+    def _quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        _, peak = first_abs_max(blocks)
+        d = (peak / -16)[:, None]
+        # x * id + 16.5 >= 0.5, so floor is C's truncation to int8
+        q = (blocks * safe_reciprocal(d)).add_(16.5).floor_().clamp_(max=31).to(torch.uint8)
+        return torch.cat([_to_fp16_bytes(d, self.name, "scale"), _pack_fifth_bits(q), pack_nibbles(q & 0x0F)], dim=-1)
+
+    uses_importance = True
+
+    def _quantize_weighted(self, blocks: torch.Tensor, importance: torch.Tensor, per_row: int) -> torch.Tensor:
+        """quantize_row_q5_0_impl: codes and scale by make_qx_quants weighted by qw * sqrt(sigma2 + x^2)."""
+        q, d = make_qx_quants(blocks, 16, _row_energy_weights(blocks, importance, per_row))
+        return torch.cat([_to_fp16_bytes(d[:, None], self.name, "scale"), _pack_fifth_bits(q),
+                          pack_nibbles(q & 0x0F)], dim=-1)
+
+    def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        q = _unpack_nibbles(blocks[:, 6:]) | _unpack_fifth_bits(blocks[:, 2:6])
+        return fp16_field(blocks, 0) * (q.to(torch.float32) - 16)
+
+
+class Q5_1Format(WeightFormat):
+    """Q5_1, 24 bytes per 32 weights: d fp16 | m fp16 | qh (4) | qs (16). w = d * q + m, d = (max - min) / 31."""
+
+    name = "q5_1"
+    gguf_type = GGMLQuantizationType.Q5_1
+    block_size, bytes_per_block = GGML_QUANT_SIZES[GGMLQuantizationType.Q5_1]
+    scale_offset, min_offset = 0, 2
+
+    def _quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        lo = first_extreme(blocks, blocks.amin(dim=-1, keepdim=True), torch.argmin)
+        hi = first_extreme(blocks, blocks.amax(dim=-1, keepdim=True), torch.argmax)
+        d = (hi - lo) / 31
+        q = (blocks - lo).mul_(safe_reciprocal(d)).add_(0.5).floor_().clamp_(max=31).to(torch.uint8)
+        return torch.cat([_to_fp16_bytes(d, self.name, "scale"), _to_fp16_bytes(lo, self.name, "minimum"),
+                          _pack_fifth_bits(q), pack_nibbles(q & 0x0F)], dim=-1)
+
+    uses_importance = True
+
+    def _quantize_weighted(self, blocks: torch.Tensor, importance: torch.Tensor, per_row: int) -> torch.Tensor:
+        """quantize_row_q5_1_impl: a weighted scale-and-min search (make_qkx3_quants)."""
+        weights = _row_energy_weights(blocks, importance, per_row)
+        q, d, offset = make_qkx2_quants(blocks, weights, 31, -0.9, f32(0.05), 36, use_mad=False)
+        return torch.cat([_to_fp16_bytes(d[:, None], self.name, "scale"),
+                          _to_fp16_bytes(-offset[:, None], self.name, "minimum"), _pack_fifth_bits(q),
+                          pack_nibbles(q & 0x0F)], dim=-1)
+
+    def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        q = _unpack_nibbles(blocks[:, 8:]) | _unpack_fifth_bits(blocks[:, 4:8])
+        return fp16_field(blocks, 0) * q.to(torch.float32) + fp16_field(blocks, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# K-quants: super-blocks of QK_K = 256 weights. The quantizers are ggml's quantize_row_*_ref, bit for bit:
+# a per-group scale (and min) search (quant/kquant_search.py), the group scales quantized against the
+# block's largest, then every code chosen again with the stored (fp16-rounded) scales.
+
+
+def _fp16_round(x: torch.Tensor) -> torch.Tensor:
+    """What GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(x)) gives."""
+    return x.to(torch.float16).to(torch.float32)
+
+
+def _exact_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """sqrtf: correctly rounded (torch's float32 sqrt is not always; a float64 root rounded to float32 is)."""
+    return torch.sqrt(x.double()).float()
+
+
+def _energy_weights(x: torch.Tensor, importance: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
+    """ggml's imatrix weights qw * sqrtf(sigma2 + x^2) for groups x (g, k), sigma2 one value per group (g,)."""
+    return importance * _exact_sqrt(sigma2[:, None] + x * x)
+
+
+def _mean_square(blocks: torch.Tensor, scale: int = 1) -> torch.Tensor:
+    """scale * (sum of x^2, summed left to right) / width, per row of `blocks` (ggml's sigma2)."""
+    return scale * sequential_sum((blocks * blocks).t().contiguous()) / blocks.shape[1]
+
+
+def _positive_max(values: torch.Tensor) -> torch.Tensor:
+    """ggml's `max = 0; if (v > max) max = v` over the last dim: +0.0 when nothing is positive (even -0.0)."""
+    peak = values.amax(dim=-1)
+    return torch.where(peak > 0, peak, 0)
+
+
+def _byte(values: torch.Tensor) -> torch.Tensor:
+    """C's int -> uint8_t conversion (modulo 256) of int32 values."""
+    return (values & 0xFF).to(torch.uint8)
+
+
+def _pack_2bit(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes (n, 256) in 0..3 -> (n, 64): per 128 weights, byte l holds weights l, l+32, l+64, l+96."""
+    q = codes.reshape(-1, 2, 4, 32)
+    return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64)
+
+
+def _requantize(x: torch.Tensor, d: torch.Tensor, offset: torch.Tensor | None, lowest: int, highest: int,
+                codes: torch.Tensor) -> torch.Tensor:
+    """Codes of groups `x` (g, k) for the stored group scales d (g,) (and mins): nearest_int((x + m) / d)
+    clamped; groups whose stored scale is 0 keep the search's codes, as ggml's `if (!d) continue;`."""
+    shifted = x if offset is None else x + offset[:, None]
+    kept = d == 0
+    fresh = nearest_int(shifted / torch.where(kept, 1, d)[:, None]).clamp_(lowest, highest) - lowest
+    return torch.where(kept[:, None], codes.to(torch.int32), fresh).to(torch.uint8)
 
 
 class _KQuantFormat(WeightFormat):
-    can_quantize = False
-
-    def _quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        # quantize() refuses read-only formats before it gets here.
-        raise QuantizationError(f"{self.name} is read-only in kilnlm")
+    """A K-quant: 256-weight super-blocks."""
 
 
 class Q2_KFormat(_KQuantFormat):
@@ -469,6 +655,43 @@ class Q2_KFormat(_KQuantFormat):
     name = "q2_k"
     gguf_type = GGMLQuantizationType.Q2_K
     block_size, bytes_per_block = GGML_QUANT_SIZES[GGMLQuantizationType.Q2_K]
+
+    uses_importance = True
+
+    def _quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        n = blocks.shape[0]
+        x = blocks.reshape(n * 16, 16)
+        codes, scales, mins = make_qkx2_quants(x, x.abs(), 3, -0.5, f32(0.1), 15, use_mad=True)
+        scales, mins = scales.reshape(n, 16), mins.reshape(n, 16)
+        max_scale, max_min = _positive_max(scales), _positive_max(mins)
+        has_scale, has_min = (max_scale > 0)[:, None], (max_min > 0)[:, None]
+        sc = torch.where(has_scale, nearest_int(over(15, torch.where(has_scale, max_scale[:, None], 1)) * scales), 0)
+        m = torch.where(has_min, nearest_int(over(15, torch.where(has_min, max_min[:, None], 1)) * mins), 0)
+        d = torch.where(has_scale, max_scale[:, None] / 15, 0)
+        dmin = torch.where(has_min, max_min[:, None] / 15, 0)
+        return self._pack(x, codes, _byte(sc) | _byte(m << 4), d, dmin)
+
+    def _quantize_weighted(self, blocks: torch.Tensor, importance: torch.Tensor, per_row: int) -> torch.Tensor:
+        """quantize_row_q2_K_impl: weights qw * sqrt(sigma2 + x^2), the group scales and mins quantized by
+        make_qp_quants against the groups' total weight."""
+        n = blocks.shape[0]
+        x = blocks.reshape(n * 16, 16)
+        weights = _energy_weights(x, importance.reshape(n * 16, 16), _mean_square(blocks).repeat_interleave(16))
+        group_weight = sequential_sum(weights.t().contiguous()).reshape(n, 16)
+        codes, scales, mins = make_qkx2_quants(x, weights, 3, -0.9, f32(0.05), 36, use_mad=False)
+        sc, d = make_qp_quants(scales.reshape(n, 16), 15, group_weight)
+        m, dmin = make_qp_quants(mins.reshape(n, 16), 15, group_weight)
+        return self._pack(x, codes, sc | (m << 4), d[:, None], dmin[:, None])
+
+    def _pack(self, x: torch.Tensor, codes: torch.Tensor, packed_scales: torch.Tensor, d: torch.Tensor,
+              dmin: torch.Tensor) -> torch.Tensor:
+        """Choose the codes again for the stored scales and lay the block out."""
+        n = packed_scales.shape[0]
+        group_d = (_fp16_round(d) * (packed_scales & 0x0F).to(torch.float32)).reshape(-1)
+        group_m = (_fp16_round(dmin) * (packed_scales >> 4).to(torch.float32)).reshape(-1)
+        codes = _requantize(x, group_d, group_m, 0, 3, codes).reshape(n, QK_K)
+        return torch.cat([packed_scales, _pack_2bit(codes), _to_fp16_bytes(d, self.name, "scale"),
+                          _to_fp16_bytes(dmin, self.name, "minimum")], dim=-1)
 
     def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         n = blocks.shape[0]
@@ -491,6 +714,50 @@ class Q3_KFormat(_KQuantFormat):
     name = "q3_k"
     gguf_type = GGMLQuantizationType.Q3_K
     block_size, bytes_per_block = GGML_QUANT_SIZES[GGMLQuantizationType.Q3_K]
+
+    uses_importance = True
+
+    def _quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        n = blocks.shape[0]
+        x = blocks.reshape(n * 16, 16)
+        codes, scales = make_q3_quants(x, 4)
+        scales = scales.reshape(n, 16)
+        _, max_scale = first_abs_max(scales)
+        has_scale = (max_scale != 0)[:, None]
+        iscale = over(-32, torch.where(has_scale, max_scale[:, None], 1))
+        biased = torch.where(has_scale, nearest_int(iscale * scales).clamp_(-32, 31) + 32, 0)  # (n, 16) 0..63
+        return self._pack(x, codes, biased, torch.where(has_scale, over(1, iscale), 0))
+
+    def _quantize_weighted(self, blocks: torch.Tensor, importance: torch.Tensor, per_row: int) -> torch.Tensor:
+        """quantize_row_q3_K_impl: weights qw * sqrt(sigma2 + x^2); the sixteen group scales quantized by
+        make_qx_quants against the groups' total weight."""
+        n = blocks.shape[0]
+        x = blocks.reshape(n * 16, 16)
+        weights = _energy_weights(x, importance.reshape(n * 16, 16), _mean_square(blocks, 2).repeat_interleave(16))
+        group_weight = sequential_sum(weights.t().contiguous()).reshape(n, 16)
+        codes, scales = make_qx_quants(x, 4, weights)
+        biased, d = make_qx_quants(scales.reshape(n, 16), 32, group_weight)
+        return self._pack(x, codes, biased.to(torch.int32), d[:, None])
+
+    def _pack(self, x: torch.Tensor, codes: torch.Tensor, biased: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """Choose the codes again for the stored scales (`biased`: scale + 32) and lay the block out."""
+        n = biased.shape[0]
+        group_d = (_fp16_round(d) * (biased - 32).to(torch.float32)).reshape(-1)
+        codes = _requantize(x, group_d, None, -4, 3, codes).reshape(n, QK_K)
+        high = codes > 3
+        hmask = (high.reshape(n, 8, 32).to(torch.int32) << torch.arange(8).reshape(1, 8, 1)).sum(1).to(torch.uint8)
+        low = torch.where(high, codes - 4, codes)
+        return torch.cat([hmask, _pack_2bit(low), self._pack_scales(biased), _to_fp16_bytes(d, self.name, "scale")],
+                         dim=-1)
+
+    @staticmethod
+    def _pack_scales(biased: torch.Tensor) -> torch.Tensor:
+        """Sixteen 6-bit values (n, 16) -> 12 bytes: low nibbles of 0..7 and 8..15, then the high 2 bits of
+        value j at bit 2 * (j // 4) of byte 8 + j % 4."""
+        b = biased.to(torch.uint8)
+        low = (b[:, :8] & 0x0F) | ((b[:, 8:] & 0x0F) << 4)
+        high = ((b >> 4).reshape(-1, 4, 4) << _shifts(b.device, (0, 2, 4, 6), (1, 4, 1))).sum(1).to(torch.uint8)
+        return torch.cat([low, high], dim=-1)
 
     def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         n = blocks.shape[0]
@@ -523,13 +790,77 @@ def _k_scale_min(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, m
 
 
-class Q4_KFormat(_KQuantFormat):
+def _pack_k_scale_min(sc: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """The inverse of _k_scale_min: 6-bit scales and mins (n, 8) -> 12 bytes."""
+    first = torch.cat([sc[:, :4] | ((sc[:, 4:] >> 4) << 6), m[:, :4] | ((m[:, 4:] >> 4) << 6)], dim=-1)
+    return torch.cat([first, (sc[:, 4:] & 0x0F) | ((m[:, 4:] & 0x0F) << 4)], dim=-1)
+
+
+class _ScaleMinKFormat(_KQuantFormat):
+    """Q4_K and Q5_K: eight groups of 32 with a 6-bit scale and a 6-bit min each, searched by make_qkx2_quants
+    with weights mean|x| + |x|."""
+
+    nmax: int
+    search: tuple[float, float, int]  # rmin, rdelta, nstep
+
+    uses_importance = True
+
+    def _scale_min_codes(self, blocks: torch.Tensor, importance: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (d, dmin) fp16-ready (n, 1), the 12 scale bytes (n, 12), codes (n, 256) in 0..nmax; with an
+        `importance` (n, 256) as quantize_row_q4_K_impl / q5_K_impl, else as quantize_row_q4_K_ref / q5_K_ref."""
+        n = blocks.shape[0]
+        x = blocks.reshape(n * 8, 32)
+        if importance is None:
+            weights = _exact_sqrt(_mean_square(x))[:, None] + x.abs()
+            codes, scales, mins = make_qkx2_quants(x, weights, self.nmax, *self.search, use_mad=False)
+            sc, m, d, dmin = self._scales_against_largest(scales.reshape(n, 8), mins.reshape(n, 8))
+        else:
+            weights = _energy_weights(x, importance.reshape(n * 8, 32), _mean_square(blocks, 2).repeat_interleave(8))
+            group_weight = sequential_sum(weights.t().contiguous()).reshape(n, 8)
+            codes, scales, mins = make_qkx2_quants(x, weights, self.nmax, -0.9, f32(0.05), 36, use_mad=False)
+            sc, d = make_qp_quants(scales.reshape(n, 8), 63, group_weight)
+            m, dmin = make_qp_quants(mins.reshape(n, 8), 63, group_weight)
+            d, dmin = d[:, None], dmin[:, None]
+        group_d = (_fp16_round(d) * sc.to(torch.float32)).reshape(-1)
+        group_m = (_fp16_round(dmin) * m.to(torch.float32)).reshape(-1)
+        codes = _requantize(x, group_d, group_m, 0, self.nmax, codes).reshape(n, QK_K)
+        return d, dmin, _pack_k_scale_min(sc, m), codes
+
+    @staticmethod
+    def _scales_against_largest(scales: torch.Tensor, mins: torch.Tensor):
+        """6-bit group scales and mins as fractions of the block's largest: (sc, m) uint8 (n, 8), (d, dmin) (n, 1)."""
+        max_scale, max_min = _positive_max(scales)[:, None], _positive_max(mins)[:, None]
+        inv_scale = torch.where(max_scale > 0, over(63, torch.where(max_scale > 0, max_scale, 1)), 0)
+        inv_min = torch.where(max_min > 0, over(63, torch.where(max_min > 0, max_min, 1)), 0)
+        sc = _byte(nearest_int(inv_scale * scales)).clamp_(max=63)
+        m = _byte(nearest_int(inv_min * mins)).clamp_(max=63)
+        return sc, m, max_scale / 63, max_min / 63
+
+    def _quantize_weighted(self, blocks: torch.Tensor, importance: torch.Tensor, per_row: int) -> torch.Tensor:
+        return self._layout(*self._scale_min_codes(blocks, importance))
+
+    def _quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        return self._layout(*self._scale_min_codes(blocks))
+
+    def _layout(self, d: torch.Tensor, dmin: torch.Tensor, scales: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """The block's bytes from its fp16 scales, 12 scale bytes and codes (n, 256)."""
+        raise NotImplementedError
+
+
+class Q4_KFormat(_ScaleMinKFormat):
     """Q4_K, 144 bytes per 256: d fp16 | dmin fp16 | scales (12; 8 six-bit scales and mins) |
     qs (128; per 64 weights, 32 bytes: first 32 in low nibbles, next 32 in high). w = d*sc*q - dmin*m."""
 
     name = "q4_k"
     gguf_type = GGMLQuantizationType.Q4_K
     block_size, bytes_per_block = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K]
+    nmax, search = 15, (-1.0, f32(0.1), 20)
+
+    def _layout(self, d: torch.Tensor, dmin: torch.Tensor, scales: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        q = codes.reshape(-1, 4, 2, 32)
+        return torch.cat([_to_fp16_bytes(d, self.name, "scale"), _to_fp16_bytes(dmin, self.name, "minimum"), scales,
+                          (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)], dim=-1)
 
     def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         n = blocks.shape[0]
@@ -542,13 +873,21 @@ class Q4_KFormat(_KQuantFormat):
         return ((dl * q) - ml).reshape(n, QK_K)
 
 
-class Q5_KFormat(_KQuantFormat):
+class Q5_KFormat(_ScaleMinKFormat):
     """Q5_K, 176 bytes per 256: d fp16 | dmin fp16 | scales (12, as Q4_K) | qh (32; bit j of byte l
     is the 5th bit of weight 32*j + l) | qs (128, as Q4_K). w = d*sc*q - dmin*m."""
 
     name = "q5_k"
     gguf_type = GGMLQuantizationType.Q5_K
     block_size, bytes_per_block = GGML_QUANT_SIZES[GGMLQuantizationType.Q5_K]
+    nmax, search = 31, (-0.5, f32(0.1), 15)
+
+    def _layout(self, d: torch.Tensor, dmin: torch.Tensor, scales: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        groups = codes.reshape(-1, 8, 32)
+        qh = (((groups >> 4) & 1).to(torch.int32) << torch.arange(8).reshape(1, 8, 1)).sum(1).to(torch.uint8)
+        q = (groups & 0x0F).reshape(-1, 4, 2, 32)
+        return torch.cat([_to_fp16_bytes(d, self.name, "scale"), _to_fp16_bytes(dmin, self.name, "minimum"), scales,
+                          qh, (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)], dim=-1)
 
     def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         n = blocks.shape[0]
@@ -572,6 +911,34 @@ class Q6_KFormat(_KQuantFormat):
     name = "q6_k"
     gguf_type = GGMLQuantizationType.Q6_K
     block_size, bytes_per_block = GGML_QUANT_SIZES[GGMLQuantizationType.Q6_K]
+
+    uses_importance = True
+
+    def _quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        return self._quantize(blocks, None)
+
+    def _quantize_weighted(self, blocks: torch.Tensor, importance: torch.Tensor, per_row: int) -> torch.Tensor:
+        """quantize_row_q6_K_impl: the group searches weighted by the importance itself."""
+        return self._quantize(blocks, importance.reshape(-1, 16))
+
+    def _quantize(self, blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+        n = blocks.shape[0]
+        x = blocks.reshape(n * 16, 16)
+        codes, scales = make_qx_quants(x, 32, importance)
+        scales = scales.reshape(n, 16)
+        max_abs, max_scale = first_abs_max(scales)
+        live = (max_abs >= GROUP_MAX_EPS)[:, None]  # ggml writes an all-zero block otherwise
+        iscale = over(-128, torch.where(live, max_scale[:, None], 1))
+        sc = torch.where(live, nearest_int(iscale * scales).clamp_(max=127), 0)  # int8 values
+        d = torch.where(live, over(1, iscale), 0)
+        group_d = (_fp16_round(d) * sc.to(torch.float32)).reshape(-1)
+        codes = _requantize(x, group_d, None, -32, 31, codes).reshape(n, 2, 4, 32)
+        codes = torch.where(live[:, :, None, None], codes, 0)
+        low, high = codes & 0x0F, codes >> 4
+        ql = torch.cat([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], dim=-1)
+        qh = high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)
+        return torch.cat([ql.reshape(n, 128), qh.reshape(n, 64), sc.to(torch.int8).view(torch.uint8),
+                          _to_fp16_bytes(d, self.name, "scale")], dim=-1)
 
     def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         n = blocks.shape[0]
@@ -629,6 +996,8 @@ BF16 = register(BF16Format())
 Q8_0 = register(Q8_0Format())
 Q4_0 = register(Q4_0Format())
 Q4_1 = register(Q4_1Format())
+Q5_0 = register(Q5_0Format())
+Q5_1 = register(Q5_1Format())
 Q2_K = register(Q2_KFormat())
 Q3_K = register(Q3_KFormat())
 Q4_K = register(Q4_KFormat())

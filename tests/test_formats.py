@@ -25,8 +25,8 @@ from kilnlm.quant.formats import (
     registered_formats,
 )
 
-QUANTIZABLE = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"]
-READ_ONLY = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
+QUANTIZABLE = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
+K_QUANTS = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]  # checked against ggml's C code in test_kquants.py
 INTEGER = ["i8", "i32"]  # raw integer storage (LLM.int8 codes and outlier indices)
 
 
@@ -268,7 +268,7 @@ def test_signed_zeros_follow_ggml_c(name: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------
-# Dequantisation parity, including the read-only K-quants.
+# Dequantisation parity, K-quants included.
 
 
 def _fp16_fields(name: str) -> list[int]:
@@ -285,7 +285,7 @@ def _fp16_fields(name: str) -> list[int]:
     }[name]
 
 
-@pytest.mark.parametrize("name", ["q8_0", "q4_0", "q4_1", *READ_ONLY])
+@pytest.mark.parametrize("name", ["q8_0", "q4_0", "q4_1", *K_QUANTS])
 def test_dequantize_random_blocks_with_sane_scales_is_bit_exact(name: str) -> None:
     fmt = get_format(name)
     rng = np.random.default_rng(6)
@@ -304,7 +304,7 @@ def test_dequantize_random_blocks_with_sane_scales_is_bit_exact(name: str) -> No
     assert_same_floats(out, ref)
 
 
-@pytest.mark.parametrize("name", [*QUANTIZABLE, *READ_ONLY])
+@pytest.mark.parametrize("name", [*QUANTIZABLE, *K_QUANTS])
 def test_dequantize_arbitrary_bytes_matches_gguf(name: str) -> None:
     # Every bit pattern, NaN and Inf scales included: a corrupt file must not decode differently.
     fmt = get_format(name)
@@ -403,15 +403,6 @@ def test_quantize_rejects_columns_not_a_multiple_of_the_block(name: str) -> None
         get_format(name).quantize(torch.randn(4, 48))
 
 
-@pytest.mark.parametrize("name", READ_ONLY)
-def test_k_quants_are_read_only(name: str) -> None:
-    fmt = get_format(name)
-    assert not fmt.can_quantize
-    with pytest.raises(QuantizationError, match="read-only") as err:
-        fmt.quantize(torch.randn(2, 256))
-    assert "q4_0" in str(err.value)  # names the formats that can be produced
-
-
 def test_bad_inputs_raise_clear_errors() -> None:
     q4 = get_format("q4_0")
     with pytest.raises(QuantizationError, match="floating-point"):
@@ -434,7 +425,7 @@ def test_bad_inputs_raise_clear_errors() -> None:
 
 def test_registry_lookups_and_layouts() -> None:
     names = [f.name for f in registered_formats()]
-    assert names == [*QUANTIZABLE, *READ_ONLY, *INTEGER]
+    assert names == [*QUANTIZABLE, *K_QUANTS, *INTEGER]
     for fmt in registered_formats():
         assert get_format(fmt.name) is fmt
         assert get_format(fmt.name.upper()) is fmt
@@ -442,10 +433,9 @@ def test_registry_lookups_and_layouts() -> None:
         assert format_for_gguf_type(int(fmt.gguf_type)) is fmt
         assert fmt.gguf_type.name.lower() == fmt.name
         assert (fmt.block_size, fmt.bytes_per_block) == GGML_QUANT_SIZES[fmt.gguf_type]
-        assert fmt.can_quantize == (fmt.name in QUANTIZABLE + INTEGER)
     bpw = {f.name: f.bits_per_weight for f in registered_formats()}
     assert bpw == {
-        "f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q4_0": 4.5, "q4_1": 5.0,
+        "f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q4_0": 4.5, "q4_1": 5.0, "q5_0": 5.5, "q5_1": 6.0,
         "q2_k": 2.625, "q3_k": 3.4375, "q4_k": 4.5, "q5_k": 5.5, "q6_k": 6.5625, "i8": 8.0, "i32": 32.0,
     }  # fmt: skip
     assert formats.Q4_0 is get_format("q4_0") and formats.Q6_K is get_format("q6_k")
@@ -481,7 +471,7 @@ def test_register_adds_formats_and_rejects_duplicates(monkeypatch: pytest.Monkey
     with pytest.raises(ValueError, match="Q4_0 already has"):
         register(type("Dup", (formats.Q4_0Format,), {"name": "q4_0_again"})())
     with pytest.raises(ValueError, match="GGML_QUANT_SIZES"):
-        bad = type("Bad", (formats.Q8_0Format,), {"name": "q8_0_bad", "gguf_type": GGMLQuantizationType.Q5_0})
+        bad = type("Bad", (formats.Q8_0Format,), {"name": "q8_0_bad", "gguf_type": GGMLQuantizationType.IQ4_NL})
         register(bad())
 
 
