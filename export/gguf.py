@@ -19,10 +19,11 @@ from typing import Any, Protocol
 import gguf
 import numpy as np
 import torch
-from gguf import Keys, LlamaFileType, RopeScalingType
+from gguf import Keys, RopeScalingType
 
 from kilnlm.errors import CheckpointError, KilnError, UnsupportedModelError
 from kilnlm.export.gguf_file import GGUFFile
+from kilnlm.export.gguf_types import TARGET_TYPES, ModelShape, TensorSlot, quantized_order, tensor_types
 from kilnlm.quant.formats import QuantizedTensor, WeightFormat, format_for_gguf_type, get_format
 from kilnlm.quant.rtn import RoundToNearest
 from kilnlm.runtime.config import ModelConfig, RopeScaling, SSMConfig
@@ -32,14 +33,6 @@ from kilnlm.runtime.rope import rope_frequencies
 GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2",  # kilnlm -> llama.cpp
                       "mamba": "mamba", "mamba2": "mamba2", "granitehybrid": "granitehybrid"}
 QK_PERMUTED = ("llama", "granitehybrid")  # GGUF architectures whose q/k rows convert_hf_to_gguf permutes
-TARGET_TYPES = {  # --type -> (format of 2-D weights, GGUF general.file_type)
-    "f32": ("f32", LlamaFileType.ALL_F32),
-    "f16": ("f16", LlamaFileType.MOSTLY_F16),
-    "bf16": ("bf16", LlamaFileType.MOSTLY_BF16),
-    "q8_0": ("q8_0", LlamaFileType.MOSTLY_Q8_0),
-    "q4_0": ("q4_0", LlamaFileType.MOSTLY_Q4_0),
-    "q4_1": ("q4_1", LlamaFileType.MOSTLY_Q4_1),
-}
 ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency divisors (Llama 3.1 rope scaling)
 PACKED_RUNTIME_FORMATS = ("q4_0", "q4_1", "q8_0")  # the formats kernels/dequant_matmul.py multiplies through
 
@@ -477,23 +470,19 @@ class ExportSummary:
         return self.file_bytes * 8 / self.parameters
 
 
-def choose_format(name: str, shape: tuple[int, ...], target: str, tied: bool) -> WeightFormat:
-    """The storage format of one tensor for a target type, following llama.cpp's rules.
+def tensor_formats(config: ModelConfig, target: str, has_imatrix: bool = False) -> dict[str, WeightFormat]:
+    """The storage format of every tensor for a target type, by llama.cpp's rules (export/gguf_types.py).
 
-    1-D tensors (norms, biases) and Mamba's conv kernel and A stay F32. The output projection (or the tied embedding, which doubles as
-    it) is the most quantization-sensitive matrix: llama.cpp gives it Q6_K for 4-bit targets; kilnlm
-    does not produce K-quants, so it uses Q8_0, which is llama.cpp's own choice when Q6_K cannot apply.
-    Rows whose length is not a multiple of the block size fall back to F16, as convert_hf_to_gguf does.
+    1-D tensors (norms, biases) and Mamba's conv kernel and A stay F32, as in llama.cpp's files.
     """
-    base = get_format(TARGET_TYPES[target][0])
-    if len(shape) == 1 or _ssm_part(name) in ALWAYS_F32:
-        return get_format("f32")
-    is_output = name == "lm_head.weight" or (tied and name == "embed_tokens.weight")
-    if is_output and target in ("q4_0", "q4_1"):
-        base = get_format("q8_0")
-    if shape[-1] % base.block_size:
-        return get_format("f32") if target == "f32" else get_format("f16")
-    return base
+    arch = GGUF_ARCHITECTURES[config.architecture]
+    shapes = expected_shapes(config)
+    slots = [TensorSlot(gguf_name(n, arch), len(s), stored_shape(config, n, s)[-1]) for n, s in shapes.items()]
+    model = ModelShape(arch, config.num_layers, config.num_heads, config.num_kv_heads,
+                       has_output=not config.tie_word_embeddings, has_imatrix=has_imatrix)
+    kinds = tensor_types(slots, model, target)
+    return {name: get_format("f32" if kind is None or _ssm_part(name) in ALWAYS_F32 else kind)
+            for (name, _), kind in zip(shapes.items(), kinds, strict=True)}
 
 
 def _rope_freq_factors(config: ModelConfig) -> torch.Tensor | None:
@@ -600,7 +589,7 @@ def _add_tokenizer_key(writer: gguf.GGUFWriter, key: str, value) -> None:
         writer.add_array(key, value)
 
 
-def plan_tensors(checkpoint: Checkpoint, target: str) -> list[PlannedTensor]:
+def plan_tensors(checkpoint: Checkpoint, target: str, has_imatrix: bool = False) -> list[PlannedTensor]:
     """Every model tensor with its storage format for `target`, in the model's own order (layer by layer)."""
     config = checkpoint.config
     shapes = expected_shapes(config)
@@ -608,8 +597,11 @@ def plan_tensors(checkpoint: Checkpoint, target: str) -> list[PlannedTensor]:
     if missing:
         raise CheckpointError(f"cannot export: the source lacks tensors {', '.join(missing[:5])}")
     arch = GGUF_ARCHITECTURES[config.architecture]
-    return [PlannedTensor(n, gguf_name(n, arch), s, choose_format(n, s, target, config.tie_word_embeddings))
-            for n, s in shapes.items()]
+    formats = tensor_formats(config, target, has_imatrix)
+    plan = [PlannedTensor(n, gguf_name(n, arch), s, formats[n]) for n, s in shapes.items()]
+    if TARGET_TYPES[target][0] in ("f32", "f16", "bf16"):
+        return plan  # convert_hf_to_gguf's order, the model's own
+    return sorted(plan, key=lambda p: quantized_order(p.gguf_name))  # llama-quantize's
 
 
 def _gguf_layout(planned: PlannedTensor, packed: QuantizedTensor, config: ModelConfig) -> np.ndarray:
@@ -638,7 +630,7 @@ def write_gguf(
     extra_metadata: dict[str, Any] | None = None,
     on_tensor: Callable[[str, str], None] | None = None,
 ) -> ExportSummary:
-    """Write `checkpoint` as a GGUF file of type `target` (f32, f16, bf16, q8_0, q4_0, q4_1), atomically.
+    """Write `checkpoint` as a GGUF file of type `target` (a TARGET_TYPES key: f16, q8_0, q4_k_m, ...), atomically.
 
     `quantizer` packs the tensors (round-to-nearest by default); `extra_metadata` adds string-keyed
     values (e.g. the recipe of a calibrated method) to the file.
@@ -650,7 +642,8 @@ def write_gguf(
         raise CheckpointError(f"{out_path}: the folder {out_path.parent} does not exist")
     started = time.perf_counter()
     quantizer = quantizer or RoundToNearest()
-    plan = quantizer.plan(checkpoint, plan_tensors(checkpoint, target))
+    has_imatrix = getattr(quantizer, "importance", None) is not None  # llama.cpp's mixes change with one
+    plan = quantizer.plan(checkpoint, plan_tensors(checkpoint, target, has_imatrix))
     rope_factors = _rope_freq_factors(config)
     tmp_path = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
     writer = gguf.GGUFWriter(tmp_path, GGUF_ARCHITECTURES[config.architecture])
@@ -658,7 +651,12 @@ def write_gguf(
         _add_model_metadata(writer, config, name or out_path.stem, TARGET_TYPES[target][1])
         _add_tokenizer_metadata(writer, checkpoint.tokenizer(), config.vocab_size)
         for key, value in {**getattr(quantizer, "metadata", {}), **(extra_metadata or {})}.items():
-            writer.add_string(key, value) if isinstance(value, str) else writer.add_float32(key, float(value))
+            if isinstance(value, str):
+                writer.add_string(key, value)
+            elif isinstance(value, int):
+                writer.add_int32(key, value)
+            else:
+                writer.add_float32(key, float(value))
         if rope_factors is not None:
             writer.add_tensor_info(ROPE_FREQS, rope_factors.shape, np.float32, rope_factors.numel() * 4)
         for p in plan:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from kilnlm.errors import CheckpointError, UnsupportedModelError
-from kilnlm.quant.formats import QuantizedTensor
+from kilnlm.quant.formats import QuantizedTensor, get_format
 from kilnlm.runtime.config import ModelConfig
 from kilnlm.runtime.rope import RotaryEmbedding
 
@@ -180,11 +180,11 @@ def _rope_caches(config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
 def _weights(checkpoint, target: str):
     """name -> the weight to export: LLM.int8 and Q4_0 / Q4_1 / Q8_0 linears as stored (exact), float ones as
     floats, or, for a block `target`, rounded to it by llama.cpp's rules (output Q8_0 for 4-bit, F16 fallback)."""
-    from kilnlm.export.gguf import choose_format
+    from kilnlm.export.gguf import tensor_formats
 
     int8_weight = getattr(checkpoint, "int8_weight", None)
     packed = getattr(checkpoint, "packed", None)
-    tied = checkpoint.config.tie_word_embeddings
+    formats = tensor_formats(checkpoint.config, target) if target in NBITS_TYPES else {}
 
     def weight(name: str):
         if int8_weight is not None and (stored := int8_weight(name)) is not None:
@@ -193,8 +193,9 @@ def _weights(checkpoint, target: str):
                 stored.format.name in NBITS_TYPES:
             return stored
         tensor = checkpoint.tensor(name)
-        if target in NBITS_TYPES:
-            fmt = choose_format(name, tuple(tensor.shape), target, tied)
+        if (fmt := formats.get(name)) is not None:
+            if fmt.name == "q6_k":  # llama.cpp's output type; MatMulNBits has no 6-bit form, so 8 bits
+                fmt = get_format("q8_0")
             if fmt.name in NBITS_TYPES:
                 return QuantizedTensor.from_float(tensor, fmt)
         return tensor
