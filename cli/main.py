@@ -21,7 +21,13 @@ CHAT_EXAMPLE = """example:
 DEMO_EXAMPLE = """example:
   kiln demo --prompt "ROMEO:" --max-tokens 200
 """
+IMATRIX_EXAMPLE = """example:
+  kiln imatrix ./Llama-3.2-1B --text wiki.txt -o llama1b.imatrix --ctx 512
+  kiln quantize ./Llama-3.2-1B -o llama1b-q4_k_m.gguf --type q4_k_m --imatrix llama1b.imatrix
+"""
 QUANTIZE_EXAMPLE = """examples:
+  kiln quantize ./Llama-3.2-1B -o llama1b-q4_k_m.gguf --type q4_k_m
+  kiln quantize ./Llama-3.2-1B -o llama1b-q4_k_m.gguf --type q4_k_m --imatrix llama1b.imatrix
   kiln quantize ./Llama-3.2-1B -o llama1b-q8_0.gguf --type q8_0
   kiln quantize model-f16.gguf -o model-q4_0.gguf --type q4_0
   kiln quantize ./Llama-3.2-1B -o llama1b-gptq-q4_0.gguf --type q4_0 --method gptq --calib wiki.txt --act-order
@@ -254,6 +260,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     checkpoint = open_checkpoint(args.source, allow_pickle=args.allow_pickle)
     quantizer, extra = None, {}
+    if args.imatrix is not None:
+        if args.method != "rtn":
+            raise KilnError("--imatrix weights round-to-nearest as llama-quantize does; GPTQ and LLM.int8 calibrate "
+                            "with their own statistics, so drop --imatrix or use --method rtn")
+        from kilnlm.quant.imatrix import ImportanceMatrix
+        from kilnlm.quant.rtn import RoundToNearest
+
+        quantizer = RoundToNearest(ImportanceMatrix.load(args.imatrix), args.imatrix)
     if args.method == "gptq":
         quantizer = _gptq_quantizer(args, checkpoint)
         extra["kilnlm.quantization.recipe"] = quantizer.recipe.describe()
@@ -436,6 +450,30 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_imatrix(args: argparse.Namespace) -> int:
+    """kiln imatrix: llama.cpp's importance matrix of a model over a calibration text."""
+    from pathlib import Path
+
+    from kilnlm.export.gguf import GGUF_ARCHITECTURES, gguf_name
+    from kilnlm.quant.imatrix import collect
+
+    try:
+        text = Path(args.text).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise KilnError(f"{args.text}: cannot read the calibration text ({err})") from None
+    engine = _load(args, args.model)
+    tokenizer = engine.tokenizer
+    arch = GGUF_ARCHITECTURES[engine.config.architecture]
+    started = time.perf_counter()
+    matrix = collect(engine.model, tokenizer.encode(text, add_bos=False), ctx=engine.context_length,
+                     bos_id=tokenizer.bos_id if tokenizer.add_bos else None, source=str(args.text),
+                     gguf_name=lambda name: gguf_name(name, arch), max_chunks=args.chunks)
+    matrix.save(args.output)
+    print(f"wrote {args.output}: {len(matrix.sums)} weights, {matrix.chunk_count} chunks of {matrix.chunk_size} "
+          f"tokens, {time.perf_counter() - started:.1f}s")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """kiln export: write an ONNX folder that onnxruntime and onnxruntime-genai run."""
     from pathlib import Path
@@ -483,6 +521,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every `kiln` subcommand."""
+    from kilnlm.export.gguf_types import TARGET_TYPES
+
     parser = argparse.ArgumentParser(prog="kiln", description="kilnlm: quantize and run LLMs locally.",
                                      epilog="run `kiln COMMAND --help` for each command's options and an example",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -541,6 +581,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help="free device memory to plan against, in GiB (default: read from the CUDA device)")
     planner.add_argument("--json", action="store_true", help="print the plan as JSON")
 
+    imatrix = add("imatrix", cmd_imatrix, "Compute llama.cpp's importance matrix over a calibration text.",
+                  IMATRIX_EXAMPLE)
+    imatrix.add_argument("model", help="Hugging Face checkpoint folder or GGUF file")
+    imatrix.add_argument("--text", "-f", required=True, help="plain-text calibration file")
+    imatrix.add_argument("--output", "-o", required=True, help="file to write (llama-imatrix's GGUF form)")
+    imatrix.add_argument("--chunks", type=int, default=None, help="at most this many chunks (default: all)")
+    _add_model_options(imatrix)
+    imatrix.set_defaults(ctx=512)
+
     export = add("export", cmd_export, "Write an ONNX folder (model.onnx + genai_config.json) that onnxruntime "
                  "and onnxruntime-genai run.", EXPORT_EXAMPLE)
     export.add_argument("source", help="Hugging Face checkpoint folder or GGUF file (Llama, Mistral, Qwen2)")
@@ -561,8 +610,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "folder or a GGUF file.", QUANTIZE_EXAMPLE)
     quantize.add_argument("source", help="Hugging Face checkpoint folder or GGUF file")
     quantize.add_argument("--output", "-o", required=True, help="GGUF file to write (replaced atomically)")
-    quantize.add_argument("--type", default="q8_0", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"],
-                          help="target type of the 2-D weights (default: q8_0)")
+    quantize.add_argument("--type", default="q8_0", choices=list(TARGET_TYPES),
+                          help="target type, as llama-quantize's: the K-quant mixes (q4_k_m, ...) give some tensors "
+                          "more bits by llama.cpp's rules (default: q8_0)")
+    quantize.add_argument("--imatrix", default=None, metavar="FILE",
+                          help="an importance matrix (kiln imatrix's or llama-imatrix's, GGUF or .dat) that weights "
+                          "the rounding, as llama-quantize --imatrix")
     quantize.add_argument("--method", default="rtn", choices=["rtn", "gptq", "llm-int8"],
                           help="rtn: round to nearest (llama-quantize's way); gptq: calibrated GPTQ; llm-int8: "
                           "int8 weights with fp16 outlier columns, a kilnlm-only file (--type is then ignored)")
