@@ -34,7 +34,8 @@ GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2",  #
                       "mamba": "mamba", "mamba2": "mamba2", "granitehybrid": "granitehybrid"}
 QK_PERMUTED = ("llama", "granitehybrid")  # GGUF architectures whose q/k rows convert_hf_to_gguf permutes
 ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency divisors (Llama 3.1 rope scaling)
-PACKED_RUNTIME_FORMATS = ("q4_0", "q4_1", "q8_0")  # the formats kernels/dequant_matmul.py multiplies through
+# the formats kernels/dequant_matmul.py multiplies through
+PACKED_RUNTIME_FORMATS = ("q4_0", "q4_1", "q8_0", "q4_k", "q5_k", "q6_k")
 
 # kilnlm (HF-style) parameter names <-> llama.cpp tensor names, per GGUF architecture; {i} is the block index.
 _COMMON_NAMES = {
@@ -348,7 +349,9 @@ class GGUFCheckpoint:
         info = self.file.tensors[self._names[name]]
         fmt = format_for_gguf_type(info.ggml_type)
         if fmt.name in PACKED_RUNTIME_FORMATS and name.startswith("layers.") and len(info.shape) == 2:
-            return info.nbytes
+            from kilnlm.kernels.dequant_matmul import kernel_bytes
+
+            return kernel_bytes(fmt.name, info.shape)  # the kernel's planes, not the file's blocks
         return None
 
     def tensor_format(self, name: str) -> WeightFormat:
@@ -404,7 +407,7 @@ class GGUFCheckpoint:
             yield name, quantized if quantized is not None else self.tensor(name)
 
     def packed(self, name: str, *, linears_only: bool = True) -> QuantizedTensor | None:
-        """A block linear's weight as stored, if it is Q4_0 / Q4_1 / Q8_0 (rows back in HF order); with
+        """A block linear's weight as stored, if the kernels multiply through its format (rows back in HF order); with
         `linears_only` False also the token embedding and output matrices."""
         info = self.file.tensors[self._names[name]]
         fmt = format_for_gguf_type(info.ggml_type)

@@ -83,7 +83,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def packed_matmul(x: torch.Tensor, weight) -> torch.Tensor:
-    """x · dequant(W)ᵀ for a kernel-packed Q4_0 / Q4_1 / Q8_0 weight (kernels.dequant_matmul.PackedWeight)."""
+    """x · dequant(W)ᵀ for a kernel-packed ggml weight (kernels.dequant_matmul.PackedWeight)."""
     from kilnlm.kernels import dequant_matmul as dm
 
     return dm.dequant_matmul(x, weight) if x.is_cuda else dm.dequant_matmul_ref(x, weight)

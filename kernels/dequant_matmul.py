@@ -1,4 +1,4 @@
-"""Y = X · dequant(W)ᵀ for ggml Q4_0 / Q4_1 / Q8_0 weights (W4A16, W8A16): Triton kernels + reference.
+"""Y = X · dequant(W)ᵀ for ggml Q4_0 / Q4_1 / Q8_0 and Q4_K / Q5_K / Q6_K weights: Triton kernels + reference.
 
 The GGUF file keeps ggml's byte layout (blocks of 32 weights with the scale inline). At load time
 `pack_for_kernel` splits that array-of-structs into separate planes (codes, scales, minimums), each
@@ -6,7 +6,13 @@ contiguous along K, so a program streaming one row range over K issues wide, coa
 never touches bytes it does not need. `dequantize_packed` inverts the repack in pure torch; the tests
 pin it bit for bit to `quant.formats`, which stays the one source of truth for ggml's layout (this
 module may not import `quant`: kernels sit below it in the layering, so the three block layouts are
-restated here in `_LAYOUTS` and checked against the registry by the tests).
+restated here in `_LAYOUTS` and `_k_planes` and checked against the registry by the tests).
+
+K-quants become the same planes: their two-level scales (an fp16 super-block scale times a 6- or 8-bit group
+scale) are multiplied out at load into one float32 scale (and minimum) per group, exactly (at most 17
+significant bits), so the kernels treat Q4_K as Q4_1 with float32 planes, Q5_K as int8 codes with a minimum,
+and Q6_K as Q8_0 with groups of 16. That costs 2 (Q4_K, Q5_K) or 2 + 1.4 (Q6_K's 8-bit codes) bits per weight
+more than the file; a kernel reading the super-blocks directly would not (left for the GPU bring-up).
 
 Two regimes, chosen in `dequant_matmul`:
 
@@ -51,10 +57,12 @@ __all__ = [
     "dequant_matmul",
     "dequant_matmul_ref",
     "dequantize_packed",
+    "kernel_bytes",
     "pack_for_kernel",
 ]
 
 QK = 32  # weights per ggml block (Q4_0, Q4_1, Q8_0)
+QK_K = 256  # weights per K-quant super-block
 DECODE_MAX_M = 16  # x rows up to this use the GEMV kernel; more use the tensor-core GEMM
 
 # fmt -> (bytes per block, byte offset of d, byte offset of m or None, byte offset of the codes).
@@ -64,8 +72,11 @@ _LAYOUTS: dict[str, tuple[int, int, int | None, int]] = {
     "q4_1": (20, 0, 2, 4),
     "q8_0": (34, 0, None, 2),
 }
-# Kernel-side format ids (constexpr).
-_FMT_ID = {"q4_0": 0, "q4_1": 1, "q8_0": 2}
+# fmt -> bytes per 256-weight super-block (layouts in _k_planes).
+_K_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210}
+# Kernel-side format ids (constexpr): 0 d*(q-8) nibbles, 1 d*q+m nibbles, 2 d*q int8, 3 d*q+m int8.
+_FMT_ID = {"q4_0": 0, "q4_1": 1, "q8_0": 2, "q4_k": 1, "q6_k": 2, "q5_k": 3}
+_NIBBLE_FORMATS = ("q4_0", "q4_1", "q4_k")
 
 
 class DequantMatmulError(KilnError, ValueError):
@@ -74,17 +85,20 @@ class DequantMatmulError(KilnError, ValueError):
 
 @dataclass(frozen=True)
 class PackedWeight:
-    """A ggml Q4_0 / Q4_1 / Q8_0 weight repacked into kernel-friendly planes (all contiguous).
+    """A ggml weight repacked into kernel-friendly planes (all contiguous).
 
-    fmt:     "q4_0", "q4_1" or "q8_0".
-    shape:   (N, K) = (out_features, in_features); K is a multiple of 32.
+    fmt:     "q4_0", "q4_1", "q8_0", "q4_k", "q5_k" or "q6_k".
+    shape:   (N, K) = (out_features, in_features); K is a multiple of 32 (256 for K-quants).
     qweight: the codes, row-major, contiguous along K.
-             q4_0 / q4_1: int32 (N, K // 8); nibble j (bits 4j..4j+3) of word w is the 4-bit code of
-             element 8w + j (natural order, unlike ggml's in-block low-half/high-half split).
-             q8_0: int8 (N, K), element k at column k.
-    scales:  float16 (N, K // 32), the ggml block scale d of elements 32b..32b+31 at column b.
-    mins:    float16 (N, K // 32), q4_1's block minimum m; None for q4_0 and q8_0.
-    Values: q4_0 d * (q - 8); q4_1 d * q + m; q8_0 d * q (as quant.formats dequantises them).
+             q4_0 / q4_1 / q4_k: int32 (N, K // 8); nibble j (bits 4j..4j+3) of word w is the 4-bit code
+             of element 8w + j (natural order, unlike ggml's in-block low-half/high-half split).
+             q8_0, q5_k (0..31), q6_k (-32..31): int8 (N, K), element k at column k.
+    scales:  (N, K // group), the scale of elements group*b.. at column b: float16 ggml block scales d for the
+             legacy formats, float32 products d * group scale for K-quants.
+    mins:    (N, K // group), the minimum added to each element: q4_1's m (float16), q4_k / q5_k's
+             -dmin * group min (float32); None for q4_0, q8_0 and q6_k.
+    group:   weights per scale: 32, or 16 for q6_k.
+    Values: q4_0 d * (q - 8); q4_1, q4_k, q5_k d * q + m; q8_0, q6_k d * q (as quant.formats dequantises them).
     """
 
     fmt: str
@@ -92,6 +106,7 @@ class PackedWeight:
     qweight: torch.Tensor
     scales: torch.Tensor
     mins: torch.Tensor | None = None
+    group: int = QK
 
     @property
     def device(self) -> torch.device:
@@ -101,7 +116,7 @@ class PackedWeight:
     def to(self, device: torch.device | str) -> PackedWeight:
         """The same weight with every plane on `device`."""
         mins = None if self.mins is None else self.mins.to(device)
-        return PackedWeight(self.fmt, self.shape, self.qweight.to(device), self.scales.to(device), mins)
+        return PackedWeight(self.fmt, self.shape, self.qweight.to(device), self.scales.to(device), mins, self.group)
 
 
 @dataclass(frozen=True)
@@ -141,26 +156,83 @@ class PrefillConfig:
 
 def _check_format(fmt: str) -> str:
     name = fmt.lower() if isinstance(fmt, str) else fmt
-    if name not in _LAYOUTS:
+    if name not in _FMT_ID:
         raise DequantMatmulError(
-            f"dequant_matmul: unsupported weight format {fmt!r}; supported: {', '.join(_LAYOUTS)} "
+            f"dequant_matmul: unsupported weight format {fmt!r}; supported: {', '.join(_FMT_ID)} "
             "(dequantise other formats to f16/bf16 and use a dense matmul)"
         )
     return name
 
 
+def kernel_bytes(fmt: str, shape: Sequence[int]) -> int:
+    """Bytes of the planes pack_for_kernel makes of an (N, K) weight of `fmt` (what the runtime holds)."""
+    fmt = _check_format(fmt)
+    n, k = (int(s) for s in shape)
+    codes = k // 2 if fmt in _NIBBLE_FORMATS else k
+    if fmt in _LAYOUTS:
+        return n * (codes + k // QK * 2 * (2 if _LAYOUTS[fmt][2] is not None else 1))
+    group = 16 if fmt == "q6_k" else QK
+    return n * (codes + k // group * 4 * (1 if fmt == "q6_k" else 2))
+
+
+def _pack_nibbles_natural(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes (N, K) in natural order -> int32 (N, K // 8), element 8w + j in nibble j of word w."""
+    pairs = codes[:, 0::2] | (codes[:, 1::2] << 4)  # (N, K/2): element 2i low, 2i+1 high
+    # Little-endian bytes 0..3 of a word are its bits 0..31, so nibble j is element 8w + j.
+    return pairs.contiguous().view(torch.int32).contiguous()
+
+
+def _fp16_at(blocks: torch.Tensor, offset: int) -> torch.Tensor:
+    """The fp16 at byte `offset` of every super-block (N, NB, bytes) as float32 (N, NB, 1)."""
+    return blocks[..., offset:offset + 2].contiguous().view(torch.float16).to(torch.float32)
+
+
+def _bits(values: torch.Tensor, shifts: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+    """values >> each shift, broadcast into `shape` (ggml packs sub-fields at several bit offsets)."""
+    return values >> torch.tensor(shifts, dtype=torch.uint8, device=values.device).reshape(shape)
+
+
+def _k_planes(fmt: str, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """K-quant super-blocks (N, NB, bytes) -> (codes (N, K) uint8/int8, scales, mins or None, group).
+
+    Q4_K / Q5_K: d fp16 | dmin fp16 | 12 bytes of eight 6-bit group scales and mins | (Q5_K: 32 bytes of fifth
+    bits) | 128 bytes of nibbles, per 64 weights the first 32 low and the next 32 high. Q6_K: 128 bytes of low
+    nibbles | 64 of high 2-bit pairs | sixteen int8 group scales | d fp16.
+    """
+    n, nb, _ = blocks.shape
+    if fmt == "q6_k":
+        lo = (_bits(blocks[..., :128].reshape(n, nb, 2, 1, 64), (0, 4), (1, 1, 2, 1)) & 0x0F).reshape(n, nb, 8, 32)
+        hi = (_bits(blocks[..., 128:192].reshape(n, nb, 2, 1, 32), (0, 2, 4, 6), (1, 1, 4, 1)) & 3).reshape(
+            n, nb, 8, 32)
+        codes = ((lo | (hi << 4)).to(torch.int16) - 32).to(torch.int8).reshape(n, nb * QK_K)
+        group_scales = blocks[..., 192:208].contiguous().view(torch.int8).to(torch.float32)
+        return codes, (_fp16_at(blocks, 208) * group_scales).reshape(n, nb * 16), None, 16
+    packed = blocks[..., 4:16]
+    sc = torch.cat([packed[..., 0:4] & 0x3F, (packed[..., 8:12] & 0x0F) | ((packed[..., 0:4] >> 2) & 0x30)], -1)
+    mn = torch.cat([packed[..., 4:8] & 0x3F, (packed[..., 8:12] >> 4) | ((packed[..., 4:8] >> 2) & 0x30)], -1)
+    scales = (_fp16_at(blocks, 0) * sc.to(torch.float32)).reshape(n, nb * 8)
+    mins = -(_fp16_at(blocks, 2) * mn.to(torch.float32)).reshape(n, nb * 8)
+    qs = blocks[..., 16:144] if fmt == "q4_k" else blocks[..., 48:176]
+    codes = (_bits(qs.reshape(n, nb, 4, 1, 32), (0, 4), (1, 1, 2, 1)) & 0x0F).reshape(n, nb, 8, 32)
+    if fmt == "q5_k":
+        fifth = _bits(blocks[..., 16:48].reshape(n, nb, 1, 32), tuple(range(8)), (1, 8, 1)) & 1
+        codes = codes | (fifth << 4)
+    return codes.reshape(n, nb * QK_K), scales, mins, QK
+
+
 def pack_for_kernel(packed: torch.Tensor, fmt: str, shape: Sequence[int]) -> PackedWeight:
     """Split ggml uint8 blocks (N, K // 32 * bytes_per_block) of `fmt` into the planes of a PackedWeight."""
     fmt = _check_format(fmt)
-    bpb, d_off, m_off, q_off = _LAYOUTS[fmt]
+    block = QK if fmt in _LAYOUTS else QK_K
     shape = tuple(int(s) for s in shape)
-    if len(shape) != 2 or shape[0] <= 0 or shape[1] <= 0 or shape[1] % QK != 0:
+    if len(shape) != 2 or shape[0] <= 0 or shape[1] <= 0 or shape[1] % block != 0:
         raise DequantMatmulError(
             f"pack_for_kernel({fmt}): shape must be (out_features, in_features) with in_features a "
-            f"positive multiple of {QK}, got {shape}"
+            f"positive multiple of {block}, got {shape}"
         )
     n, k = shape
-    nb = k // QK
+    nb = k // block
+    bpb = _LAYOUTS[fmt][0] if fmt in _LAYOUTS else _K_BYTES[fmt]
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
         kind = packed.dtype if isinstance(packed, torch.Tensor) else type(packed).__name__
         raise DequantMatmulError(f"pack_for_kernel({fmt}): packed data must be a uint8 tensor, got {kind}")
@@ -169,7 +241,13 @@ def pack_for_kernel(packed: torch.Tensor, fmt: str, shape: Sequence[int]) -> Pac
             f"pack_for_kernel({fmt}): shape {shape} packs into {n * nb * bpb} bytes ({n}, {nb * bpb}), "
             f"got {packed.numel()} bytes {tuple(packed.shape)}"
         )
-    blocks = packed.reshape(n, nb, bpb)  # (N, K/32, bytes_per_block)
+    blocks = packed.reshape(n, nb, bpb)  # (N, K/block, bytes_per_block)
+    if fmt not in _LAYOUTS:
+        codes, scales, mins, group = _k_planes(fmt, blocks)
+        qweight = _pack_nibbles_natural(codes) if fmt in _NIBBLE_FORMATS else codes.view(torch.int8).contiguous()
+        return PackedWeight(fmt, (n, k), qweight, scales.contiguous(), None if mins is None else mins.contiguous(),
+                            group)
+    _, d_off, m_off, q_off = _LAYOUTS[fmt]
 
     def fp16_plane(off: int) -> torch.Tensor:
         return blocks[:, :, off : off + 2].contiguous().view(torch.float16).reshape(n, nb).contiguous()
@@ -181,16 +259,14 @@ def pack_for_kernel(packed: torch.Tensor, fmt: str, shape: Sequence[int]) -> Pac
         qweight = qs.contiguous().view(torch.int8).reshape(n, k).contiguous()
     else:
         codes = torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(n, k)  # ggml order -> natural order
-        pairs = codes[:, 0::2] | (codes[:, 1::2] << 4)  # (N, K/2): element 2i low, 2i+1 high
-        # Little-endian bytes 0..3 of a word are its bits 0..31, so nibble j is element 8w + j.
-        qweight = pairs.contiguous().view(torch.int32).contiguous()  # (N, K/8)
+        qweight = _pack_nibbles_natural(codes)  # (N, K/8)
     return PackedWeight(fmt, (n, k), qweight, scales, mins)
 
 
 def _unpack_codes(pw: PackedWeight) -> torch.Tensor:
     """The integer codes of pw as int32 (N, K), natural element order."""
     n, k = pw.shape
-    if pw.fmt == "q8_0":
+    if pw.fmt not in _NIBBLE_FORMATS:
         return pw.qweight.to(torch.int32)
     shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=pw.qweight.device)
     return ((pw.qweight.unsqueeze(-1) >> shifts) & 0xF).reshape(n, k)
@@ -199,11 +275,11 @@ def _unpack_codes(pw: PackedWeight) -> torch.Tensor:
 def dequantize_packed(pw: PackedWeight) -> torch.Tensor:
     """The float32 weights (N, K) of pw, computed exactly as quant.formats dequantises ggml blocks."""
     n, k = pw.shape
-    q = _unpack_codes(pw).to(torch.float32).reshape(n, k // QK, QK)
-    d = pw.scales.to(torch.float32).unsqueeze(-1)  # (N, K/32, 1)
+    q = _unpack_codes(pw).to(torch.float32).reshape(n, k // pw.group, pw.group)
+    d = pw.scales.to(torch.float32).unsqueeze(-1)  # (N, K/group, 1)
     if pw.fmt == "q4_0":
         w = d * (q - 8)
-    elif pw.fmt == "q4_1":
+    elif pw.mins is not None:
         w = (d * q) + pw.mins.to(torch.float32).unsqueeze(-1)
     else:
         w = q * d
@@ -244,19 +320,20 @@ def dequant_matmul_ref(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
 if _TRITON_IMPORT_ERROR is None:
 
     @triton.jit
-    def _dequant_tile(q_ptr, s_ptr, m_ptr, offs_n, offs_k, mask, stride_qn, stride_sn, FMT: tl.constexpr):
+    def _dequant_tile(q_ptr, s_ptr, m_ptr, offs_n, offs_k, mask, stride_qn, stride_sn, FMT: tl.constexpr,
+                      GROUP: tl.constexpr):
         """fp32 W tile [BLOCK_N, BLOCK_K] for rows offs_n, columns offs_k (masked lanes are 0)."""
         rows = offs_n[:, None].to(tl.int64)  # N * K can pass 2^31 (large-vocab output heads)
-        if FMT == 2:  # q8_0: int8 code per element
+        if FMT >= 2:  # q8_0, q6_k, q5_k: int8 code per element
             q = tl.load(q_ptr + rows * stride_qn + offs_k[None, :], mask=mask, other=0).to(tl.float32)
         else:  # q4: 8 nibbles per int32 word; neighbouring lanes read the same word (one transaction)
             word = tl.load(q_ptr + rows * stride_qn + (offs_k // 8)[None, :], mask=mask, other=0)
             q = ((word >> ((offs_k % 8) * 4)[None, :]) & 0xF).to(tl.float32)
-        s_off = rows * stride_sn + (offs_k // 32)[None, :]
+        s_off = rows * stride_sn + (offs_k // GROUP)[None, :]
         d = tl.load(s_ptr + s_off, mask=mask, other=0.0).to(tl.float32)
         if FMT == 0:
             w = d * (q - 8.0)
-        elif FMT == 1:
+        elif FMT == 1 or FMT == 3:
             m = tl.load(m_ptr + s_off, mask=mask, other=0.0).to(tl.float32)
             w = d * q + m
         else:
@@ -269,7 +346,8 @@ if _TRITON_IMPORT_ERROR is None:
         x_ptr, q_ptr, s_ptr, m_ptr, out_ptr,
         M, N, K, K_CHUNKS_PER_SPLIT,
         stride_xm, stride_qn, stride_sn, stride_os, stride_om,
-        FMT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
     ):
         """out[split, m, n] = sum over this split's K chunks of x[m, k] * W[n, k]; program (n tile, split)."""
         pid_n = tl.program_id(0)
@@ -284,7 +362,7 @@ if _TRITON_IMPORT_ERROR is None:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < k_hi
             w = _dequant_tile(q_ptr, s_ptr, m_ptr, offs_n, offs_k, mask_n[:, None] & mask_k[None, :],
-                              stride_qn, stride_sn, FMT)  # (BLOCK_N, BLOCK_K) fp32, loaded once
+                              stride_qn, stride_sn, FMT, GROUP)  # (BLOCK_N, BLOCK_K) fp32, loaded once
             for mi in tl.static_range(BLOCK_M):  # reuse the dequantised tile for every x row
                 # Padding rows (mi >= M) re-read row M - 1: always in bounds, and never stored.
                 row = tl.minimum(mi, M - 1)
@@ -300,8 +378,8 @@ if _TRITON_IMPORT_ERROR is None:
         x_ptr, q_ptr, s_ptr, m_ptr, y_ptr,
         M, N, K,
         stride_xm, stride_qn, stride_sn, stride_ym,
-        FMT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+        FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     ):
         """y[m, n] = sum_k x[m, k] * W[n, k] for one (BLOCK_M, BLOCK_N) tile, W dequantised to x's dtype."""
         pid = tl.program_id(0)
@@ -324,7 +402,7 @@ if _TRITON_IMPORT_ERROR is None:
             a = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # (BLOCK_M, BLOCK_K) x dtype
             w = _dequant_tile(q_ptr, s_ptr, m_ptr, offs_n, offs_k, mask_n[:, None] & mask_k[None, :],
-                              stride_qn, stride_sn, FMT)  # (BLOCK_N, BLOCK_K) fp32
+                              stride_qn, stride_sn, FMT, GROUP)  # (BLOCK_N, BLOCK_K) fp32
             w = w.to(a.dtype)  # the rounding a tensor-core MMA in x's dtype sees
             if UPCAST_DOT:  # exact: a product of two bf16 values fits an fp32 mantissa
                 acc = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
@@ -357,7 +435,7 @@ def _require_triton(x: torch.Tensor) -> None:
 
 
 def _planes(pw: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # q4_0/q8_0 have no minimum plane; the kernel never reads m_ptr then, any valid pointer will do.
+    # q4_0/q8_0/q6_k have no minimum plane; the kernel never reads m_ptr then, any valid pointer will do.
     mins = pw.mins if pw.mins is not None else pw.scales
     return pw.qweight, pw.scales, mins
 
@@ -405,7 +483,7 @@ def _decode(x2: torch.Tensor, pw: PackedWeight, cfg: DecodeConfig) -> torch.Tens
         x2, q, s, mn, out,
         m, n, k, per_split,
         x2.stride(0), q.stride(0), s.stride(0), out.stride(0), out.stride(1),
-        FMT=_FMT_ID[pw.fmt], BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        FMT=_FMT_ID[pw.fmt], GROUP=pw.group, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps,
     )
     return out[0] if split_k == 1 else out.sum(dim=0).to(x2.dtype)
@@ -425,7 +503,7 @@ def _prefill(x2: torch.Tensor, pw: PackedWeight, cfg: PrefillConfig) -> torch.Te
         x2, q, s, mn, y,
         m, n, k,
         x2.stride(0), q.stride(0), s.stride(0), y.stride(0),
-        FMT=_FMT_ID[pw.fmt], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        FMT=_FMT_ID[pw.fmt], GROUP=pw.group, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         GROUP_M=cfg.group_m,
         # The CPU interpreter's tl.dot multiplies bf16 as its uint16 storage; products of bf16
         # values are exact in fp32, so an fp32 dot of the same bf16 operands gives the MMA's result.

@@ -37,6 +37,7 @@ from kilnlm.kernels.dequant_matmul import (
 from kilnlm.quant.formats import get_format
 
 FORMATS = ["q4_0", "q4_1", "q8_0"]
+K_FORMATS = ["q4_k", "q5_k", "q6_k"]  # rows of 256; the group scales multiplied out into float32 planes
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = [
@@ -119,6 +120,17 @@ def test_planes_have_documented_shapes(fmt):
         assert pw.mins is None
 
 
+@pytest.mark.parametrize("fmt", FORMATS + K_FORMATS)
+def test_planes_are_exact_and_kernel_bytes_counts_them(fmt):
+    k = 512
+    packed, pw = _weight(fmt, 6, k)
+    expected = get_format(fmt).dequantize(packed, (6, k))
+    assert torch.equal(dequantize_packed(pw).view(torch.int32), expected.view(torch.int32))
+    planes = [pw.qweight, pw.scales] + ([pw.mins] if pw.mins is not None else [])
+    assert dm.kernel_bytes(fmt, (6, k)) == sum(p.numel() * p.element_size() for p in planes)
+    assert pw.group == (16 if fmt == "q6_k" else 32)
+
+
 def test_q4_nibbles_are_in_natural_order():
     # One Q4_0 block: d = 1.0, byte i holds code i (element i) low and 15 - i (element 16 + i) high.
     block = torch.cat([torch.tensor([0x00, 0x3C], dtype=torch.uint8),  # fp16 1.0, little-endian
@@ -178,6 +190,19 @@ def test_prefill_matches_reference(device, fmt, dtype, m, n, k):
     y_ref = dequant_matmul_ref(x, pw)
     for cfg in (SMALL_PREFILL, PrefillConfig()):
         _assert_within(dequant_matmul(x, pw, prefill=cfg), y_ref, _bound(x, pw, y_ref, prefill=True))
+
+
+@pytest.mark.parametrize("fmt", K_FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3, 33])
+def test_k_quant_kernels_match_reference(device, fmt, dtype, m):
+    _, pw = _weight(fmt, 40, 256)
+    pw, x = pw.to(device), _x((m, 256), dtype).to(device)
+    y_ref = dequant_matmul_ref(x, pw)
+    prefill = m > dm.DECODE_MAX_M
+    for decode, gemm in ((SMALL_DECODE, SMALL_PREFILL), (DecodeConfig(), PrefillConfig())):
+        y = dequant_matmul(x, pw, decode=decode, prefill=gemm)
+        _assert_within(y, y_ref, _bound(x, pw, y_ref, prefill=prefill))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

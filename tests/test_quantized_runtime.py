@@ -1,4 +1,4 @@
-"""Packed Q4_0/Q4_1/Q8_0 weights in the runtime: QuantizedLinear keeps them packed and matches dequantising."""
+"""Packed ggml weights in the runtime: QuantizedLinear keeps them packed and matches dequantising."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from kilnlm.runtime.engine import Engine, demo_model_path
 from kilnlm.runtime.models.quantized_linear import QuantizedLinear
 
 
-@pytest.fixture(scope="module", params=["q4_0", "q4_1", "q8_0"])
+@pytest.fixture(scope="module", params=["q4_0", "q4_1", "q8_0", "q4_k_m", "q5_k_m", "q6_k"])
 def gguf_file(request, tmp_path_factory):
     if not demo_model_path().is_dir():
         pytest.skip("demo model not built")
@@ -44,6 +44,25 @@ def test_packed_weights_take_a_fraction_of_the_float_memory(gguf_file):
     ratio = linear_bytes(packed.model) / linear_bytes(plain.model)
     # Packed: q4_0 4.5 bits, q4_1 5, q8_0 8.5 per weight vs fp16's 16, for 3/4 of the block weights; the
     # other quarter (down_proj: 688 columns, not a multiple of 32) is fp16 in both. Expected 0.456 / 0.482 /
-    # 0.645; exactly 1.0 if the packed path silently dequantised.
-    expected = {"q4_0": 0.456, "q4_1": 0.482, "q8_0": 0.645}[gguf_file.stem.split("-")[1]]
+    # 0.645; exactly 1.0 if the packed path silently dequantised. K-quants hold the kernel's planes (group
+    # scales multiplied out into float32): what kernel_bytes says, per tensor type of the file.
+    target = gguf_file.stem.split("-")[1]
+    expected = {"q4_0": 0.456, "q4_1": 0.482, "q8_0": 0.645}.get(target) or _kernel_plane_ratio(gguf_file)
     assert ratio == pytest.approx(expected, abs=0.005)
+    assert ratio < 0.75
+
+
+def _kernel_plane_ratio(path) -> float:
+    import gguf
+
+    from kilnlm.kernels.dequant_matmul import kernel_bytes
+
+    held = dense = 0
+    for t in gguf.GGUFReader(path).tensors:
+        if not t.name.startswith("blk.") or len(t.shape) != 2:
+            continue
+        shape = (int(t.shape[1]), int(t.shape[0]))  # (out, in) from ggml's (ne0, ne1)
+        dense += shape[0] * shape[1] * 2
+        kind = t.tensor_type.name.lower()
+        held += kernel_bytes(kind, shape) if kind in ("q4_k", "q5_k", "q6_k") else shape[0] * shape[1] * 2
+    return held / dense

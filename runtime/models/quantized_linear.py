@@ -11,12 +11,13 @@ from kilnlm.quant.formats import QuantizedTensor
 
 
 class QuantizedLinear(nn.Module):
-    """y = x · dequant(W)ᵀ + b with W in Q4_0 / Q4_1 / Q8_0, repacked once into the kernel's planes."""
+    """y = x · dequant(W)ᵀ + b with W in Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K, repacked once into the
+    kernel's planes."""
 
     def __init__(self, weight: PackedWeight, bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.fmt = weight.fmt
+        self.fmt, self.group = weight.fmt, weight.group
         # Buffers so that .to(device) moves them and state_dict() shows them; the PackedWeight view is
         # rebuilt after any move.
         self.register_buffer("qweight", weight.qweight)
@@ -33,7 +34,7 @@ class QuantizedLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)
         self._weight = PackedWeight(self.fmt, (self.out_features, self.in_features), self.qweight, self.scales,
-                                    self.mins)
+                                    self.mins, self.group)
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
