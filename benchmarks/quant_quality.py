@@ -2,7 +2,7 @@
 
 For one model (an HF folder) and an evaluation text, writes F16 (the base), then each type with
 round-to-nearest, with an importance matrix computed on a separate calibration text (`kiln imatrix`), and,
-for Q4_0, with GPTQ; when llama-cpp-python is installed, llama.cpp's own llama_model_quantize writes the same
+for Q4_0, Q4_K_M and Q5_K_M, with GPTQ; when llama-cpp-python is installed, llama.cpp's own llama_model_quantize writes the same
 types from an F32 file of the model, and its files are scored by the same code (kilnlm's RTN files are byte
 for byte llama.cpp's, which the row shows). Prints a table (or JSON) of bits per weight, perplexity,
 KL(F16 || type) and how often both pick the same top token.
@@ -89,10 +89,10 @@ def main() -> None:
             if target in theirs:
                 rows.append({"type": target, "method": "llama.cpp rtn",
                              **_score(theirs[target], base, text, args.ctx, args.chunks)})
-            if target == "q4_0" and not args.no_gptq:
+            if target in ("q4_0", "q4_k_m", "q5_k_m") and not args.no_gptq:
                 from kilnlm.quant.gptq import gptq_quantizer
 
-                path = folder / "q4_0-gptq.gguf"
+                path = folder / f"{target}-gptq.gguf"
                 write_gguf(open_checkpoint(args.model), path, target,
                            quantizer=gptq_quantizer(open_checkpoint(args.model), calib_files=[args.calib],
                                                     nsamples=64, seqlen=args.ctx, seed=0))

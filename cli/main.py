@@ -301,12 +301,14 @@ def _gptq_quantizer(args: argparse.Namespace, checkpoint):
     from tqdm import tqdm
 
     from kilnlm.errors import KilnError
+    from kilnlm.export.gguf_types import TARGET_TYPES
     from kilnlm.quant.gptq import GPTQ_FORMATS, gptq_quantizer
 
-    if args.type not in GPTQ_FORMATS:
-        raise KilnError(f"--method gptq writes {', '.join(GPTQ_FORMATS)}; --type {args.type} has no grid to solve for")
+    solvable = [t for t, (fmt, _) in TARGET_TYPES.items() if fmt in GPTQ_FORMATS]
+    if TARGET_TYPES[args.type][0] not in GPTQ_FORMATS:
+        raise KilnError(f"--method gptq writes {', '.join(solvable)}; --type {args.type} has no grid to solve for")
     if args.group_size != 32:
-        raise KilnError("ggml's Q4_0/Q4_1/Q8_0 blocks fix the group size at 32; other group sizes need a "
+        raise KilnError("ggml's blocks fix the group size at 32 (16 for Q6_K); other group sizes need a "
                         "kilnlm-native INT4 format, which does not exist yet")
     if not args.calib:
         _info("no --calib text given: calibrating on text sampled from the model itself (real text is better)")

@@ -847,6 +847,23 @@ class _ScaleMinKFormat(_KQuantFormat):
         """The block's bytes from its fp16 scales, 12 scale bytes and codes (n, 256)."""
         raise NotImplementedError
 
+    # GPTQ on this grid (quant/gptq.py) keeps a block's scales and chooses its codes itself.
+    code_group = 32  # weights per group scale
+
+    @property
+    def code_limits(self) -> tuple[int, int]:
+        """The lowest and highest code."""
+        return 0, self.nmax
+
+    def group_affine(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(D, M) float32 (n, 8): every weight of group j is D * code + M, bit for bit as _dequantize_blocks."""
+        sc, m = _k_scale_min(blocks[:, 4:16])
+        return fp16_field(blocks, 0) * sc.to(torch.float32), -(fp16_field(blocks, 2) * m.to(torch.float32))
+
+    def with_codes(self, blocks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """`blocks` with their codes replaced by `codes` (n, 256) uint8 in 0..nmax, the scales kept."""
+        return self._layout(None, None, blocks[:, 4:16], codes, head=blocks[:, :4])
+
 
 class Q4_KFormat(_ScaleMinKFormat):
     """Q4_K, 144 bytes per 256: d fp16 | dmin fp16 | scales (12; 8 six-bit scales and mins) |
@@ -857,10 +874,12 @@ class Q4_KFormat(_ScaleMinKFormat):
     block_size, bytes_per_block = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K]
     nmax, search = 15, (-1.0, f32(0.1), 20)
 
-    def _layout(self, d: torch.Tensor, dmin: torch.Tensor, scales: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    def _layout(self, d: torch.Tensor | None, dmin: torch.Tensor | None, scales: torch.Tensor, codes: torch.Tensor,
+                head: torch.Tensor | None = None) -> torch.Tensor:
         q = codes.reshape(-1, 4, 2, 32)
-        return torch.cat([_to_fp16_bytes(d, self.name, "scale"), _to_fp16_bytes(dmin, self.name, "minimum"), scales,
-                          (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)], dim=-1)
+        head = head if head is not None else torch.cat([_to_fp16_bytes(d, self.name, "scale"),
+                                                        _to_fp16_bytes(dmin, self.name, "minimum")], dim=-1)
+        return torch.cat([head, scales, (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)], dim=-1)
 
     def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         n = blocks.shape[0]
@@ -882,12 +901,14 @@ class Q5_KFormat(_ScaleMinKFormat):
     block_size, bytes_per_block = GGML_QUANT_SIZES[GGMLQuantizationType.Q5_K]
     nmax, search = 31, (-0.5, f32(0.1), 15)
 
-    def _layout(self, d: torch.Tensor, dmin: torch.Tensor, scales: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    def _layout(self, d: torch.Tensor | None, dmin: torch.Tensor | None, scales: torch.Tensor, codes: torch.Tensor,
+                head: torch.Tensor | None = None) -> torch.Tensor:
         groups = codes.reshape(-1, 8, 32)
         qh = (((groups >> 4) & 1).to(torch.int32) << torch.arange(8).reshape(1, 8, 1)).sum(1).to(torch.uint8)
         q = (groups & 0x0F).reshape(-1, 4, 2, 32)
-        return torch.cat([_to_fp16_bytes(d, self.name, "scale"), _to_fp16_bytes(dmin, self.name, "minimum"), scales,
-                          qh, (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)], dim=-1)
+        head = head if head is not None else torch.cat([_to_fp16_bytes(d, self.name, "scale"),
+                                                        _to_fp16_bytes(dmin, self.name, "minimum")], dim=-1)
+        return torch.cat([head, scales, qh, (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)], dim=-1)
 
     def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         n = blocks.shape[0]
@@ -932,13 +953,32 @@ class Q6_KFormat(_KQuantFormat):
         sc = torch.where(live, nearest_int(iscale * scales).clamp_(max=127), 0)  # int8 values
         d = torch.where(live, over(1, iscale), 0)
         group_d = (_fp16_round(d) * sc.to(torch.float32)).reshape(-1)
-        codes = _requantize(x, group_d, None, -32, 31, codes).reshape(n, 2, 4, 32)
-        codes = torch.where(live[:, :, None, None], codes, 0)
-        low, high = codes & 0x0F, codes >> 4
+        codes = _requantize(x, group_d, None, -32, 31, codes).reshape(n, QK_K)
+        codes = torch.where(live, codes, 0)
+        return torch.cat([self._pack_codes(codes), sc.to(torch.int8).view(torch.uint8),
+                          _to_fp16_bytes(d, self.name, "scale")], dim=-1)
+
+    @staticmethod
+    def _pack_codes(codes: torch.Tensor) -> torch.Tensor:
+        """uint8 codes (n, 256) in 0..63 -> ql (128) | qh (64) bytes."""
+        q = codes.reshape(-1, 2, 4, 32)
+        low, high = q & 0x0F, q >> 4
         ql = torch.cat([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], dim=-1)
         qh = high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)
-        return torch.cat([ql.reshape(n, 128), qh.reshape(n, 64), sc.to(torch.int8).view(torch.uint8),
-                          _to_fp16_bytes(d, self.name, "scale")], dim=-1)
+        return torch.cat([ql.reshape(-1, 128), qh.reshape(-1, 64)], dim=-1)
+
+    # GPTQ on this grid (quant/gptq.py) keeps a block's scales and chooses its codes itself.
+    code_group = 16
+    code_limits = (-32, 31)
+
+    def group_affine(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(D, None), D float32 (n, 16): every weight of group j is D * (code - 32), bit for bit."""
+        sc = blocks[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
+        return fp16_field(blocks, 208) * sc, None
+
+    def with_codes(self, blocks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """`blocks` with their codes replaced by `codes` (n, 256) uint8 in 0..63 (code - 32 the signed value)."""
+        return torch.cat([self._pack_codes(codes), blocks[:, 192:]], dim=-1)
 
     def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         n = blocks.shape[0]
