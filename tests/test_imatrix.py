@@ -113,3 +113,48 @@ def test_kiln_imatrix_then_quantize_with_it(tmp_path) -> None:
     result = run_kiln("quantize", str(demo_model_path()), "-o", str(tmp_path / "g.gguf"), "--type", "q4_0",
                       "--imatrix", str(tmp_path / "d.imatrix"), "--method", "gptq")
     assert result.returncode != 0 and "--imatrix weights round-to-nearest" in result.stderr
+
+
+def test_llama_cpp_reads_the_imatrix_file_as_its_loader_does(matrix, tmp_path) -> None:
+    """ggml's own GGUF parser (libggml-base from llama-cpp-python, an optional oracle) accepts the file, with the
+    key types and tensor pairs common/imatrix-loader.cpp requires, and reads back the same sums and counts."""
+    import ctypes
+    from pathlib import Path
+
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is an optional oracle")
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+
+    class InitParams(ctypes.Structure):
+        _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
+
+    lib.gguf_init_from_file.restype = ctypes.c_void_p
+    lib.gguf_init_from_file.argtypes = [ctypes.c_char_p, InitParams]
+    for name, restype in (("gguf_find_key", ctypes.c_int64), ("gguf_get_kv_type", ctypes.c_int),
+                          ("gguf_get_arr_type", ctypes.c_int), ("gguf_get_val_u32", ctypes.c_uint32),
+                          ("gguf_get_n_tensors", ctypes.c_int64), ("gguf_get_tensor_name", ctypes.c_char_p),
+                          ("gguf_get_tensor_type", ctypes.c_int), ("gguf_get_tensor_offset", ctypes.c_size_t),
+                          ("gguf_get_tensor_size", ctypes.c_size_t), ("gguf_get_data_offset", ctypes.c_size_t)):
+        getattr(lib, name).restype = restype
+    path = tmp_path / "m.imatrix"
+    matrix.save(path)
+    ctx = lib.gguf_init_from_file(str(path).encode(), InitParams(True, None))
+    assert ctx, "ggml could not parse the file"
+    ctx = ctypes.c_void_p(ctx)
+    uint32, string, array = 4, 8, 9  # enum gguf_type
+    datasets = lib.gguf_find_key(ctx, b"imatrix.datasets")
+    assert lib.gguf_get_kv_type(ctx, datasets) == array and lib.gguf_get_arr_type(ctx, datasets) == string
+    for key, value in ((b"imatrix.chunk_count", 4), (b"imatrix.chunk_size", 64)):
+        index = lib.gguf_find_key(ctx, key)
+        assert lib.gguf_get_kv_type(ctx, index) == uint32 and lib.gguf_get_val_u32(ctx, index) == value
+    data, base = path.read_bytes(), lib.gguf_get_data_offset(ctx)
+    read: dict[str, np.ndarray] = {}
+    for i in range(lib.gguf_get_n_tensors(ctx)):
+        name = lib.gguf_get_tensor_name(ctx, i).decode()
+        assert lib.gguf_get_tensor_type(ctx, i) == 0  # GGML_TYPE_F32
+        start = base + lib.gguf_get_tensor_offset(ctx, i)
+        read[name] = np.frombuffer(data[start:start + lib.gguf_get_tensor_size(ctx, i)], dtype="<f4")
+    lib.gguf_free(ctx)
+    assert set(read) == {f"{n}.{part}" for n in matrix.sums for part in ("in_sum2", "counts")}
+    for name, sums in matrix.sums.items():
+        assert np.allclose(read[f"{name}.in_sum2"], sums, rtol=1e-6)
+        assert read[f"{name}.counts"].tolist() == [float(matrix.counts[name])]

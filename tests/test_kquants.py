@@ -111,3 +111,21 @@ def test_files_equal_llama_quantize_tensor_for_tensor(f32_demo, target: str) -> 
     differ = [t.name for t, o in zip(theirs, ours, strict=True) if not np.array_equal(np.asarray(t.data).view(np.uint8),
                                                                                      np.asarray(o.data).view(np.uint8))]
     assert differ == []
+
+
+def test_q4_k_m_from_a_gguf_file_equals_from_the_hf_folder(tmp_path) -> None:
+    """`kiln quantize --type q4_k_m` reads GGUF input too: the demo model's weights are fp16, so its F16 GGUF
+    holds the same values and both routes write the same file bytes."""
+    import gguf
+
+    from kilnlm.export.checkpoint import open_checkpoint
+    from kilnlm.export.gguf import write_gguf
+    from kilnlm.runtime.engine import demo_model_path
+
+    write_gguf(open_checkpoint(demo_model_path()), tmp_path / "f16.gguf", "f16")
+    write_gguf(open_checkpoint(tmp_path / "f16.gguf"), tmp_path / "from-gguf.gguf", "q4_k_m")
+    write_gguf(open_checkpoint(demo_model_path()), tmp_path / "from-hf.gguf", "q4_k_m")
+    a, b = gguf.GGUFReader(tmp_path / "from-gguf.gguf").tensors, gguf.GGUFReader(tmp_path / "from-hf.gguf").tensors
+    assert [(t.name, t.tensor_type.name) for t in a] == [(t.name, t.tensor_type.name) for t in b]
+    assert all(np.array_equal(np.asarray(x.data), np.asarray(y.data)) for x, y in zip(a, b, strict=True))
+    assert {t.tensor_type.name for t in a} >= {"Q4_K", "Q6_K"}
