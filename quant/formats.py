@@ -519,7 +519,7 @@ class Q4_1Format(WeightFormat):
 # Q5_0 / Q5_1: blocks of 32 weights with a fifth bit per weight.
 
 
-def _pack_fifth_bits(q: torch.Tensor) -> torch.Tensor:
+def pack_fifth_bits(q: torch.Tensor) -> torch.Tensor:
     """uint8 codes (n, 32) in 0..31 -> (n, 4): bit j of the little-endian uint32 is code j's bit 4."""
     bits = ((q >> 4) & 1).to(torch.int64) << torch.arange(32, device=q.device)
     return le_bytes(bits.sum(dim=-1, keepdim=True).to(torch.int32))
@@ -542,17 +542,19 @@ class Q5_0Format(WeightFormat):
 
     def _quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         _, peak = first_abs_max(blocks)
+        # ggml's loop starts from max = +0.0, so an all-zero block (even of -0.0s) gets d = -0.0, as Q4_0
+        peak = torch.where(peak == 0, torch.zeros_like(peak), peak)
         d = (peak / -16)[:, None]
         # x * id + 16.5 >= 0.5, so floor is C's truncation to int8
         q = (blocks * safe_reciprocal(d)).add_(16.5).floor_().clamp_(max=31).to(torch.uint8)
-        return torch.cat([_to_fp16_bytes(d, self.name, "scale"), _pack_fifth_bits(q), pack_nibbles(q & 0x0F)], dim=-1)
+        return torch.cat([_to_fp16_bytes(d, self.name, "scale"), pack_fifth_bits(q), pack_nibbles(q & 0x0F)], dim=-1)
 
     uses_importance = True
 
     def _quantize_weighted(self, blocks: torch.Tensor, importance: torch.Tensor, per_row: int) -> torch.Tensor:
         """quantize_row_q5_0_impl: codes and scale by make_qx_quants weighted by qw * sqrt(sigma2 + x^2)."""
         q, d = make_qx_quants(blocks, 16, _row_energy_weights(blocks, importance, per_row))
-        return torch.cat([_to_fp16_bytes(d[:, None], self.name, "scale"), _pack_fifth_bits(q),
+        return torch.cat([_to_fp16_bytes(d[:, None], self.name, "scale"), pack_fifth_bits(q),
                           pack_nibbles(q & 0x0F)], dim=-1)
 
     def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
@@ -574,7 +576,7 @@ class Q5_1Format(WeightFormat):
         d = (hi - lo) / 31
         q = (blocks - lo).mul_(safe_reciprocal(d)).add_(0.5).floor_().clamp_(max=31).to(torch.uint8)
         return torch.cat([_to_fp16_bytes(d, self.name, "scale"), _to_fp16_bytes(lo, self.name, "minimum"),
-                          _pack_fifth_bits(q), pack_nibbles(q & 0x0F)], dim=-1)
+                          pack_fifth_bits(q), pack_nibbles(q & 0x0F)], dim=-1)
 
     uses_importance = True
 
@@ -583,7 +585,7 @@ class Q5_1Format(WeightFormat):
         weights = _row_energy_weights(blocks, importance, per_row)
         q, d, offset = make_qkx2_quants(blocks, weights, 31, -0.9, f32(0.05), 36, use_mad=False)
         return torch.cat([_to_fp16_bytes(d[:, None], self.name, "scale"),
-                          _to_fp16_bytes(-offset[:, None], self.name, "minimum"), _pack_fifth_bits(q),
+                          _to_fp16_bytes(-offset[:, None], self.name, "minimum"), pack_fifth_bits(q),
                           pack_nibbles(q & 0x0F)], dim=-1)
 
     def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:

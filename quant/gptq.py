@@ -1,4 +1,5 @@
-"""GPTQ (Frantar et al., 2022) on ggml's grids: the output packs into Q4_0 / Q4_1 / Q8_0 blocks bit for bit.
+"""GPTQ (Frantar et al., 2022) on ggml's grids: the output packs into Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 blocks bit
+for bit (and, with `gptq_quantize_k`, into Q4_K / Q5_K / Q6_K super-blocks).
 
 The algorithm follows the IST-DASLab reference `gptq.py` and the paper's notation: H = 2/n Σ xᵀx, dead
 columns, `percdamp` dampening, Hinv = upper Cholesky factor of H⁻¹, lazy batch updates over blocks of
@@ -12,6 +13,7 @@ input columns of one row share one fp16 scale d (and, for Q4_1, one fp16 minimum
 * Q4_1 (asymmetric): d = (max - min) / 15, m = min; code = clamp(floor((w - min) / d + 0.5), 0, 15),
   value = d * code + m.
 * Q8_0 (symmetric): d = absmax / 127; code = clamp(round_half_away(w / d), -127, 127), value = code * d.
+* Q5_0 / Q5_1: as Q4_0 / Q4_1 with 32 levels (d = peak / -16, codes 0..31 around 16; d = (max - min) / 31).
 
 Codes are assigned exactly as ggml's `quantize_row_*_ref` assigns them (with the float32 reciprocal of
 the unrounded scale and float32 minimum), and values are computed exactly as the registry dequantises
@@ -62,6 +64,7 @@ from kilnlm.quant.formats import (
     WeightFormat,
     first_extreme,
     le_bytes,
+    pack_fifth_bits,
     pack_nibbles,
     round_half_away,
     safe_reciprocal,
@@ -230,15 +233,16 @@ class _Q4_0Grid(_Grid):
 class _Q4_1Grid(_Grid):
     name = "q4_1"
     has_min = True
+    levels = 15  # the highest code
 
     def candidates(self, G, search):
         lo = first_extreme(G, G.amin(dim=-1, keepdim=True), torch.argmin)
         hi = first_extreme(G, G.amax(dim=-1, keepdim=True), torch.argmax)
-        d, m = [(hi - lo) / 15], [lo]
+        d, m = [(hi - lo) / self.levels], [lo]
         if search:
             for f in SEARCH_FACTORS:  # [lo, hi] shrunk by f about its midpoint
                 cut = (hi - lo) * ((1 - f) / 2)
-                d.append(((hi - cut) - (lo + cut)) / 15)
+                d.append(((hi - cut) - (lo + cut)) / self.levels)
                 m.append(lo + cut)
         return torch.stack(d), torch.stack(m)
 
@@ -275,7 +279,45 @@ class _Q8_0Grid(_Grid):
         return torch.cat([le_bytes(d16), codes.to(torch.int8).view(torch.uint8)], dim=-1)
 
 
-_GRIDS: dict[str, _Grid] = {g.name: g for g in (_Q4_0Grid(), _Q4_1Grid(), _Q8_0Grid())}
+class _Q5_0Grid(_Grid):
+    name = "q5_0"
+
+    def candidates(self, G, search):
+        imax = G.abs().argmax(dim=-1, keepdim=True)
+        peak = G.gather(-1, imax)  # (rows, 1), signed
+        peak = torch.where(peak == 0, torch.zeros_like(peak), peak)  # ggml's all-zero block: d = -0.0
+        d = [peak / -16]
+        if search:
+            d += [(peak * f) / -16 for f in SEARCH_FACTORS]
+            d += [(peak * f) / 15 for f in (1.0, *SEARCH_FACTORS)]  # peak on +15 instead of -16
+        d = torch.stack(d)
+        return d, torch.zeros_like(d)
+
+    def encode(self, w, inv, lo):
+        # Mirrors Q5_0Format: (x * id + 16.5) floored, clamped to 31.
+        return (w * inv).add_(16.5).floor_().clamp_(0, 31)
+
+    def decode(self, codes, d, m):
+        return d * (codes - 16)
+
+    def pack(self, codes, d16, m16):
+        q = codes.to(torch.uint8)
+        return torch.cat([le_bytes(d16), pack_fifth_bits(q), pack_nibbles(q & 0x0F)], dim=-1)
+
+
+class _Q5_1Grid(_Q4_1Grid):
+    name = "q5_1"
+    levels = 31
+
+    def encode(self, w, inv, lo):
+        return (w - lo).mul_(inv).add_(0.5).floor_().clamp_(0, 31)
+
+    def pack(self, codes, d16, m16):
+        q = codes.to(torch.uint8)
+        return torch.cat([le_bytes(d16), le_bytes(m16), pack_fifth_bits(q), pack_nibbles(q & 0x0F)], dim=-1)
+
+
+_GRIDS: dict[str, _Grid] = {g.name: g for g in (_Q4_0Grid(), _Q4_1Grid(), _Q8_0Grid(), _Q5_0Grid(), _Q5_1Grid())}
 
 
 @dataclass
@@ -601,7 +643,7 @@ def hessian_error(weight: torch.Tensor, dequantized: torch.Tensor | QuantizedTen
 # --------------------------------------------------------------------------------------------- whole models
 
 K_GPTQ_FORMATS = ("q4_k", "q5_k", "q6_k")
-GPTQ_FORMATS = ("q4_0", "q4_1", "q8_0", *K_GPTQ_FORMATS)
+GPTQ_FORMATS = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", *K_GPTQ_FORMATS)
 FLOAT_FORMATS = ("f32", "f16", "bf16")
 
 

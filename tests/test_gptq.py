@@ -375,3 +375,15 @@ def test_gptq_on_k_grids_refuses_other_formats():
     W, H = correlated_layer(cols=256)
     with pytest.raises(QuantizationError, match="q4_k, q5_k, q6_k"):
         gptq_quantize_k(W, H, "q2_k")
+
+
+@pytest.mark.parametrize("fmt", ["q5_0", "q5_1"])
+def test_gptq_on_q5_grids(fmt):
+    """Q5_0 / Q5_1 (the fallbacks of the K mixes for rows of 32k columns): RTN bytes with a diagonal Hessian,
+    a lower output error with correlated inputs."""
+    W, H = diagonal_layer()
+    assert torch.equal(gptq_quantize(W, H, fmt, blocksize=64).data, rtn_quantize(W, fmt).data)
+    W, H = correlated_layer()
+    for act_order in (False, True):
+        ratio = hessian_error(W, gptq_quantize(W, H, fmt, act_order=act_order), H) / hessian_error(W, rtn_quantize(W, fmt), H)
+        assert ratio < 0.8, (fmt, act_order, ratio)
