@@ -457,8 +457,9 @@ def cmd_imatrix(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from kilnlm.export.gguf import GGUF_ARCHITECTURES, gguf_name
-    from kilnlm.quant.imatrix import collect
+    from kilnlm.quant.imatrix import check_output, collect
 
+    check_output(args.output)
     try:
         text = Path(args.text).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:

@@ -170,7 +170,7 @@ class WeightFormat(ABC):
     def _quantize_weighted(self, blocks: torch.Tensor, importance: torch.Tensor, per_row: int) -> torch.Tensor:
         """float32 (n_blocks, block_size) with their importance (same shape), whole rows of `per_row` blocks ->
         uint8 (n_blocks, bytes_per_block). Formats with `uses_importance` implement it."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{self.name} sets uses_importance but has no _quantize_weighted")
 
     def dequantize(self, packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         """Unpack uint8 data (any shape holding prod(packed_shape(shape)) bytes) to float32 `shape`."""
@@ -443,6 +443,31 @@ class Q8_0Format(WeightFormat):
         return q * d
 
 
+def _peak_codes(blocks: torch.Tensor, half: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_0 (half 8) and Q5_0 (half 16): d = peak / -half, codes floor(x / d + half + 0.5) up to 2 * half - 1.
+
+    ggml keeps the sign of the first element of largest magnitude, so it maps to code 0 exactly; in an
+    all-zero block (even of -0.0s) its loop never updates `max` from its initial +0.0, so d is -0.0.
+    Returns (d (n, 1), codes uint8 (n, 32)).
+    """
+    imax = blocks.abs().argmax(dim=-1, keepdim=True)
+    peak = blocks.gather(-1, imax)  # (n, 1)
+    d = torch.where(peak == 0, torch.zeros_like(peak), peak) / -half
+    # x * id + half + 0.5 >= 0.5, so floor is ggml's truncation (and cheaper than torch.trunc).
+    q = (blocks * safe_reciprocal(d)).add_(half + 0.5).floor_().clamp_(max=2 * half - 1).to(torch.uint8)
+    return d, q
+
+
+def _range_codes(blocks: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_1 (15 levels) and Q5_1 (31): d = (max - min) / levels, m = min (the first of equal extremes, as
+    ggml's loop finds it), codes floor((x - min) / d + 0.5). Returns (d (n, 1), m (n, 1), codes uint8 (n, 32))."""
+    lo = first_extreme(blocks, blocks.amin(dim=-1, keepdim=True), torch.argmin)
+    hi = first_extreme(blocks, blocks.amax(dim=-1, keepdim=True), torch.argmax)
+    d = (hi - lo) / levels
+    q = (blocks - lo).mul_(safe_reciprocal(d)).add_(0.5).floor_().clamp_(max=levels).to(torch.uint8)
+    return d, lo, q
+
+
 def _row_energy_weights(blocks: torch.Tensor, importance: torch.Tensor, per_row: int) -> torch.Tensor:
     """ggml's legacy-format imatrix weights qw * sqrt(sigma2 + x^2), sigma2 being the mean square of the whole row."""
     rows = blocks.reshape(-1, per_row * blocks.shape[1])
@@ -459,13 +484,7 @@ class Q4_0Format(WeightFormat):
     scale_offset = 0
 
     def _quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        # ggml keeps the sign of the first element of largest magnitude, so it maps to code 0 exactly;
-        # in an all-zero block its loop never updates `max` from its initial +0.0, so d is -0.0.
-        imax = blocks.abs().argmax(dim=-1, keepdim=True)
-        peak = blocks.gather(-1, imax)  # (n, 1)
-        d = torch.where(peak == 0, torch.zeros_like(peak), peak) / -8
-        # x * id + 8.5 >= 0, so floor is ggml's truncation (and cheaper than torch.trunc).
-        q = (blocks * safe_reciprocal(d)).add_(8.5).floor_().to(torch.uint8).clamp_(max=15)
+        d, q = _peak_codes(blocks, 8)
         return torch.cat([_to_fp16_bytes(d, self.name, "scale"), pack_nibbles(q)], dim=-1)
 
     uses_importance = True
@@ -491,10 +510,7 @@ class Q4_1Format(WeightFormat):
     scale_offset, min_offset = 0, 2
 
     def _quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        lo = first_extreme(blocks, blocks.amin(dim=-1, keepdim=True), torch.argmin)
-        hi = first_extreme(blocks, blocks.amax(dim=-1, keepdim=True), torch.argmax)
-        d = (hi - lo) / 15
-        q = (blocks - lo).mul_(safe_reciprocal(d)).add_(0.5).floor_().to(torch.uint8).clamp_(max=15)
+        d, lo, q = _range_codes(blocks, 15)
         d_bytes = _to_fp16_bytes(d, self.name, "scale")
         m_bytes = _to_fp16_bytes(lo, self.name, "minimum")
         return torch.cat([d_bytes, m_bytes, pack_nibbles(q)], dim=-1)
@@ -541,12 +557,7 @@ class Q5_0Format(WeightFormat):
     scale_offset = 0
 
     def _quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        _, peak = first_abs_max(blocks)
-        # ggml's loop starts from max = +0.0, so an all-zero block (even of -0.0s) gets d = -0.0, as Q4_0
-        peak = torch.where(peak == 0, torch.zeros_like(peak), peak)
-        d = (peak / -16)[:, None]
-        # x * id + 16.5 >= 0.5, so floor is C's truncation to int8
-        q = (blocks * safe_reciprocal(d)).add_(16.5).floor_().clamp_(max=31).to(torch.uint8)
+        d, q = _peak_codes(blocks, 16)
         return torch.cat([_to_fp16_bytes(d, self.name, "scale"), pack_fifth_bits(q), pack_nibbles(q & 0x0F)], dim=-1)
 
     uses_importance = True
@@ -571,10 +582,7 @@ class Q5_1Format(WeightFormat):
     scale_offset, min_offset = 0, 2
 
     def _quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        lo = first_extreme(blocks, blocks.amin(dim=-1, keepdim=True), torch.argmin)
-        hi = first_extreme(blocks, blocks.amax(dim=-1, keepdim=True), torch.argmax)
-        d = (hi - lo) / 31
-        q = (blocks - lo).mul_(safe_reciprocal(d)).add_(0.5).floor_().clamp_(max=31).to(torch.uint8)
+        d, lo, q = _range_codes(blocks, 31)
         return torch.cat([_to_fp16_bytes(d, self.name, "scale"), _to_fp16_bytes(lo, self.name, "minimum"),
                           pack_fifth_bits(q), pack_nibbles(q & 0x0F)], dim=-1)
 
@@ -845,9 +853,11 @@ class _ScaleMinKFormat(_KQuantFormat):
     def _quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         return self._layout(*self._scale_min_codes(blocks))
 
-    def _layout(self, d: torch.Tensor, dmin: torch.Tensor, scales: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """The block's bytes from its fp16 scales, 12 scale bytes and codes (n, 256)."""
-        raise NotImplementedError
+    @abstractmethod
+    def _layout(self, d: torch.Tensor | None, dmin: torch.Tensor | None, scales: torch.Tensor, codes: torch.Tensor,
+                head: torch.Tensor | None = None) -> torch.Tensor:
+        """The block's bytes from its scales d, dmin (n, 1) (or `head`, their 4 stored bytes), its 12 scale bytes
+        and its codes (n, 256)."""
 
     # GPTQ on this grid (quant/gptq.py) keeps a block's scales and chooses its codes itself.
     code_group = 32  # weights per group scale

@@ -207,24 +207,27 @@ class _Grid(ABC):
 
 class _Q4_0Grid(_Grid):
     name = "q4_0"
+    half = 8  # codes 0 .. 2 * half - 1 around half
 
     def candidates(self, G, search):
         imax = G.abs().argmax(dim=-1, keepdim=True)
         peak = G.gather(-1, imax)  # (rows, 1), signed
         peak = torch.where(peak == 0, torch.zeros_like(peak), peak)  # ggml's all-zero block: d = -0.0
-        d = [peak / -8]
+        d = [peak / -self.half]
         if search:
-            d += [(peak * f) / -8 for f in SEARCH_FACTORS]
-            d += [(peak * f) / 7 for f in (1.0, *SEARCH_FACTORS)]  # peak on +7 instead of -8
+            d += [(peak * f) / -self.half for f in SEARCH_FACTORS]
+            # the peak on the top code (+half - 1) instead of the bottom one (-half)
+            d += [(peak * f) / (self.half - 1) for f in (1.0, *SEARCH_FACTORS)]
         d = torch.stack(d)
         return d, torch.zeros_like(d)
 
     def encode(self, w, inv, lo):
-        # Mirrors Q4_0Format: (x * id + 8.5) floored; clamped because fed-back weights can leave the range.
-        return (w * inv).add_(8.5).floor_().clamp_(0, 15)
+        # Mirrors Q4_0Format / Q5_0Format: (x * id + half + 0.5) floored; clamped because fed-back weights can
+        # leave the range.
+        return (w * inv).add_(self.half + 0.5).floor_().clamp_(0, 2 * self.half - 1)
 
     def decode(self, codes, d, m):
-        return d * (codes - 8)
+        return d * (codes - self.half)
 
     def pack(self, codes, d16, m16):
         return torch.cat([le_bytes(d16), pack_nibbles(codes.to(torch.uint8))], dim=-1)
@@ -247,7 +250,7 @@ class _Q4_1Grid(_Grid):
         return torch.stack(d), torch.stack(m)
 
     def encode(self, w, inv, lo):
-        return (w - lo).mul_(inv).add_(0.5).floor_().clamp_(0, 15)
+        return (w - lo).mul_(inv).add_(0.5).floor_().clamp_(0, self.levels)
 
     def decode(self, codes, d, m):
         return (d * codes) + m
@@ -279,26 +282,9 @@ class _Q8_0Grid(_Grid):
         return torch.cat([le_bytes(d16), codes.to(torch.int8).view(torch.uint8)], dim=-1)
 
 
-class _Q5_0Grid(_Grid):
+class _Q5_0Grid(_Q4_0Grid):
     name = "q5_0"
-
-    def candidates(self, G, search):
-        imax = G.abs().argmax(dim=-1, keepdim=True)
-        peak = G.gather(-1, imax)  # (rows, 1), signed
-        peak = torch.where(peak == 0, torch.zeros_like(peak), peak)  # ggml's all-zero block: d = -0.0
-        d = [peak / -16]
-        if search:
-            d += [(peak * f) / -16 for f in SEARCH_FACTORS]
-            d += [(peak * f) / 15 for f in (1.0, *SEARCH_FACTORS)]  # peak on +15 instead of -16
-        d = torch.stack(d)
-        return d, torch.zeros_like(d)
-
-    def encode(self, w, inv, lo):
-        # Mirrors Q5_0Format: (x * id + 16.5) floored, clamped to 31.
-        return (w * inv).add_(16.5).floor_().clamp_(0, 31)
-
-    def decode(self, codes, d, m):
-        return d * (codes - 16)
+    half = 16
 
     def pack(self, codes, d16, m16):
         q = codes.to(torch.uint8)
@@ -308,9 +294,6 @@ class _Q5_0Grid(_Grid):
 class _Q5_1Grid(_Q4_1Grid):
     name = "q5_1"
     levels = 31
-
-    def encode(self, w, inv, lo):
-        return (w - lo).mul_(inv).add_(0.5).floor_().clamp_(0, 31)
 
     def pack(self, codes, d16, m16):
         q = codes.to(torch.uint8)

@@ -52,6 +52,7 @@ class ImportanceMatrix:
     def save(self, path: str | Path) -> None:
         """Write llama-imatrix's GGUF form, atomically."""
         path = Path(path)
+        check_output(path)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         writer = gguf.GGUFWriter(tmp, arch=None)
         try:
@@ -122,6 +123,13 @@ class ImportanceMatrix:
             if reader.left() >= 4:
                 matrix.datasets = [reader.text("dataset")]
         return matrix
+
+
+def check_output(path: str | Path) -> None:
+    """Refuse an output path whose folder does not exist (before any slow work is done for it)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ImatrixError(f"{path}: the folder {path.parent} does not exist")
 
 
 def collect(model: nn.Module, tokens: list[int], *, ctx: int, bos_id: int | None, source: str,

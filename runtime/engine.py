@@ -266,7 +266,7 @@ class Engine:
         add_bos: bool | None = None,
         on_finish: Callable[[GenerationStats], None] | None = None,
         cancel: threading.Event | None = None,
-        grammar: Grammar | None = None,
+        grammar: Grammar | TokenConstraint | None = None,
         **options,
     ) -> str | Iterator[str]:
         """Continue `prompt` (text or token ids); options: max_tokens, temperature, top_k, top_p, min_p,
@@ -274,13 +274,15 @@ class Engine:
         `on_finish(stats)` is called when the generation ends (stats of this call, whatever other threads do);
         setting `cancel` (from any thread) stops this call, and only this one, at its next step. With a
         `grammar` (runtime.grammar.Grammar: a JSON schema, Lark, regex or GBNF) only text it allows comes out,
-        and the generation ends (finish reason "stop") when the grammar is complete."""
+        and the generation ends (finish reason "stop") when the grammar is complete. A TokenConstraint from
+        `constraint()` may stand for the grammar; it serves one generation."""
         ids = self.tokenizer.encode(prompt, add_bos=add_bos) if isinstance(prompt, str) else list(prompt)
         return self._run(ids, _generation_params(**options), stream, on_finish, cancel, grammar)
 
     def chat(self, messages: list[dict], *, stream: bool = False,
              on_finish: Callable[[GenerationStats], None] | None = None, cancel: threading.Event | None = None,
-             grammar: Grammar | None = None, tools: list[dict] | None = None, **options) -> str | Iterator[str]:
+             grammar: Grammar | TokenConstraint | None = None, tools: list[dict] | None = None,
+             **options) -> str | Iterator[str]:
         """Answer the conversation `messages` ([{"role": ..., "content": ...}, ...]) as the assistant; `tools`
         (OpenAI-style function definitions) are shown to the model through its chat template."""
         ids = self.chat_prompt_ids(messages, tools=tools)
@@ -345,8 +347,9 @@ class Engine:
 
     def _run(self, ids: list[int], params: GenerationParams, stream: bool,
              on_finish: Callable[[GenerationStats], None] | None,
-             cancel: threading.Event | None, grammar: Grammar | None) -> str | Iterator[str]:
-        constraint = self.constraint(grammar) if grammar is not None else None  # a bad grammar fails here
+             cancel: threading.Event | None, grammar: Grammar | TokenConstraint | None) -> str | Iterator[str]:
+        # A bad grammar fails here; a caller that compiled one already (the server, to answer 400) passes it on.
+        constraint = grammar if isinstance(grammar, TokenConstraint) or grammar is None else self.constraint(grammar)
         pieces = self._locked_stream(ids, params, on_finish, cancel or threading.Event(), constraint)
         return pieces if stream else "".join(pieces)
 

@@ -274,9 +274,8 @@ def create_app(engine, settings: ServerSettings):
             ids = prompt_ids(engine, body, chat, tools)
             options = sampling_options(body, settings.max_tokens_cap)
             grammar = tools.grammar if tools and tools.grammar else response_grammar(body)
-            if grammar is not None:
-                engine.constraint(grammar)  # a grammar that does not compile is the client's error: 400
-                options["grammar"] = grammar
+            if grammar is not None:  # compiled now: a grammar that does not compile is the client's error, 400
+                options["grammar"] = engine.constraint(grammar)
             admit()
         except RequestError as err:
             return error(err.status, err.message, err.kind)

@@ -158,3 +158,13 @@ def test_llama_cpp_reads_the_imatrix_file_as_its_loader_does(matrix, tmp_path) -
     for name, sums in matrix.sums.items():
         assert np.allclose(read[f"{name}.in_sum2"], sums, rtol=1e-6)
         assert read[f"{name}.counts"].tolist() == [float(matrix.counts[name])]
+
+
+def test_an_output_folder_that_does_not_exist_is_refused_before_any_work(tmp_path) -> None:
+    from test_cli import run_kiln
+
+    result = run_kiln("imatrix", str(demo_model_path()), "--text", str(tmp_path / "missing.txt"), "-o",
+                      str(tmp_path / "nowhere" / "m.imatrix"))
+    assert result.returncode != 0 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(ImatrixError, match="does not exist"):
+        ImportanceMatrix().save(tmp_path / "nowhere" / "m.imatrix")

@@ -25,16 +25,19 @@ REFERENCE = np.load(REPO / "tests" / "data" / "kquant_reference.npz")
 INPUTS = reference_inputs()
 
 
-@pytest.mark.parametrize("case", list(INPUTS))
-@pytest.mark.parametrize("kind", list(FORMATS))
-def test_k_quants_are_byte_identical_with_llama_cpp(kind: str, case: str) -> None:
-    fmt = get_format(kind)
-    got = fmt.quantize(torch.from_numpy(INPUTS[case])).numpy()
-    want = REFERENCE[f"{kind}/{case}"]
+def _assert_same_blocks(fmt, got: np.ndarray, want: np.ndarray) -> None:
+    """Byte equality, reporting the first differing block and bytes."""
     blocks_got, blocks_want = got.reshape(-1, fmt.bytes_per_block), want.reshape(-1, fmt.bytes_per_block)
     differ = np.nonzero((blocks_got != blocks_want).any(axis=1))[0]
     assert differ.size == 0, f"{differ.size} of {len(blocks_want)} blocks differ, first {differ[0]} at bytes " \
         f"{np.nonzero(blocks_got[differ[0]] != blocks_want[differ[0]])[0][:8].tolist()}"
+
+
+@pytest.mark.parametrize("case", list(INPUTS))
+@pytest.mark.parametrize("kind", list(FORMATS))
+def test_k_quants_are_byte_identical_with_llama_cpp(kind: str, case: str) -> None:
+    fmt = get_format(kind)
+    _assert_same_blocks(fmt, fmt.quantize(torch.from_numpy(INPUTS[case])).numpy(), REFERENCE[f"{kind}/{case}"])
 
 
 @pytest.mark.parametrize("case", list(INPUTS))
@@ -44,11 +47,7 @@ def test_importance_weighted_quants_are_byte_identical_with_llama_cpp(kind: str,
     fmt = get_format(kind)
     x = INPUTS[case]
     got = fmt.quantize(torch.from_numpy(x), importance=torch.from_numpy(importance(x, 7))).numpy()
-    want = REFERENCE[f"{kind}/{case}/imatrix"]
-    blocks_got, blocks_want = got.reshape(-1, fmt.bytes_per_block), want.reshape(-1, fmt.bytes_per_block)
-    differ = np.nonzero((blocks_got != blocks_want).any(axis=1))[0]
-    assert differ.size == 0, f"{differ.size} of {len(blocks_want)} blocks differ, first {differ[0]} at bytes " \
-        f"{np.nonzero(blocks_got[differ[0]] != blocks_want[differ[0]])[0][:8].tolist()}"
+    _assert_same_blocks(fmt, got, REFERENCE[f"{kind}/{case}/imatrix"])
 
 
 @pytest.mark.parametrize("kind", list(FORMATS))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
@@ -27,22 +28,31 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@contextlib.contextmanager
+def _serving(engine, settings: ServerSettings):
+    """The app of `engine` (an Engine or an EngineSlot) served on its loopback port until the block ends."""
+    instance = uvicorn.Server(uvicorn.Config(create_app(engine, settings), host="127.0.0.1", port=settings.port,
+                                             log_level="error"))
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    for _ in range(400):
+        if instance.started:
+            break
+        time.sleep(0.05)
+    try:
+        yield
+    finally:
+        instance.should_exit = True
+        thread.join(timeout=10)
+
+
 @pytest.fixture(scope="module")
 def server():
     engine = Engine.load(demo_model_path(), progress=False, context_length=256)
     settings = ServerSettings(port=_free_port(), api_key=API_KEY, allowed_origins=("http://localhost:3000",),
                               max_tokens_cap=64, queue_cap=4, max_body_bytes=20_000, model_name="demo")
-    config = uvicorn.Config(create_app(engine, settings), host="127.0.0.1", port=settings.port, log_level="error")
-    instance = uvicorn.Server(config)
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if instance.started:
-            break
-        time.sleep(0.05)
-    yield engine, settings
-    instance.should_exit = True
-    thread.join(timeout=10)
+    with _serving(engine, settings):
+        yield engine, settings
     engine.close()
 
 
@@ -160,13 +170,7 @@ def test_serve_benchmark_quick_runs_and_counts_cancellations():
 def test_parallel_server_streams_several_requests_at_once():
     engine = Engine.load(demo_model_path(), progress=False, context_length=256, parallel=3)
     settings = ServerSettings(port=_free_port(), max_tokens_cap=32, queue_cap=8, model_name="demo")
-    instance = uvicorn.Server(uvicorn.Config(create_app(engine, settings), host="127.0.0.1", port=settings.port,
-                                             log_level="error"))
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    while not instance.started:
-        time.sleep(0.05)
-    try:
+    with _serving(engine, settings):
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{settings.port}/v1", api_key="unused", max_retries=0)
         prompts = ["ROMEO:", "JULIET:", "KING HENRY:"]
         texts, first_token_at, finished_at = {}, {}, {}
@@ -190,10 +194,7 @@ def test_parallel_server_streams_several_requests_at_once():
         assert texts == {p: alone.generate(p, max_tokens=24, temperature=0) for p in prompts}
         # The three streams ran at once: every one had its first token before any of them finished.
         assert max(first_token_at.values()) < min(finished_at.values())
-    finally:
-        instance.should_exit = True
-        thread.join(timeout=10)
-        engine.close()
+    engine.close()
 
 
 # --------------------------------------------------------------------------------------------- structured output
@@ -247,15 +248,8 @@ def tool_server():
     engine = Engine.load(demo_model_path(), progress=False, context_length=512)
     engine.chat_template = ChatTemplate(HERMES_TEMPLATE, eos_token="</s>")
     settings = ServerSettings(port=_free_port(), max_tokens_cap=100, model_name="demo")
-    instance = uvicorn.Server(uvicorn.Config(create_app(engine, settings), host="127.0.0.1", port=settings.port,
-                                             log_level="error"))
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    while not instance.started:
-        time.sleep(0.05)
-    yield openai.OpenAI(base_url=f"http://127.0.0.1:{settings.port}/v1", api_key="unused", max_retries=0)
-    instance.should_exit = True
-    thread.join(timeout=10)
+    with _serving(engine, settings):
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{settings.port}/v1", api_key="unused", max_retries=0)
     engine.close()
 
 
@@ -297,13 +291,7 @@ def test_health_is_503_while_loading_then_200():
 
     slot = EngineSlot()
     settings = ServerSettings(port=_free_port(), model_name="demo")
-    instance = uvicorn.Server(uvicorn.Config(create_app(slot, settings), host="127.0.0.1", port=settings.port,
-                                             log_level="error"))
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    while not instance.started:
-        time.sleep(0.05)
-    try:
+    with _serving(slot, settings):
         status, body, _ = _raw(settings, "GET", "/health")
         assert status == 503 and json.loads(body)["status"] == "loading"
         status, body, _ = _raw(settings, "POST", "/v1/completions", json.dumps({"prompt": "x"}).encode())
@@ -313,9 +301,6 @@ def test_health_is_503_while_loading_then_200():
         status, body, _ = _raw(settings, "POST", "/v1/completions",
                                json.dumps({"prompt": "ROMEO:", "max_tokens": 3}).encode())
         assert status == 200 and json.loads(body)["usage"]["completion_tokens"] <= 3
-    finally:
-        instance.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_kiln_serve_reports_a_model_that_fails_to_load(tmp_path):
