@@ -1,0 +1,735 @@
+/* y = x · Wᵀ on the CPU with W in ggml's own block layout (the GGUF file's bytes), and row gathers from it.
+ *
+ * Built at first use by kernels/cpu.py with the user's C compiler (-O3 -march=native, OpenMP when the
+ * compiler has it); no intrinsics, so the same source vectorises for AVX2, AVX-512 and NEON. Each block is
+ * dequantised into float32 in L1 and multiplied with fp32 activations: the products are the ones the
+ * dequantised path computes (the same float32 weights), only summed in another order, and the memory read per
+ * weight is the file's (0.5625 bytes for Q4_0 against 4 for a float32 copy).
+ *
+ * Block layouts restate ggml's (ggml-common.h, dequantize_row_*): the tests pin every type bit for bit to
+ * kilnlm's format registry, which is itself checked against ggml's bytes.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__F16C__) || defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+enum { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30 };
+
+#define MAX_ROWS 8 /* x rows multiplied per pass over a weight row (decode of up to 8 sequences) */
+#define LANES 16   /* independent partial sums: one AVX-512 register, two AVX2 ones */
+
+static inline float fp16_to_fp32(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#elif defined(__aarch64__)
+    __fp16 value;
+    memcpy(&value, &h, 2);
+    return (float)value;
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff, bits;
+    if (exponent == 0x1f) {
+        bits = sign | 0x7f800000u | (mantissa << 13);
+    } else if (exponent != 0) {
+        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    } else if (mantissa == 0) {
+        bits = sign;
+    } else { /* subnormal: normalise */
+        exponent = 113;
+        while (!(mantissa & 0x400)) { mantissa <<= 1; exponent--; }
+        bits = sign | (exponent << 23) | ((mantissa & 0x3ff) << 13);
+    }
+    float value;
+    memcpy(&value, &bits, 4);
+    return value;
+#endif
+}
+
+static inline uint16_t read_u16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static inline float read_fp16(const uint8_t *p) { return fp16_to_fp32(read_u16(p)); }
+
+/* ------------------------------------------------------- 32 weights of a block -> two vectors of float32 */
+
+/* GCC / clang vector extensions: 16 lanes, lowered to one AVX-512 register, two AVX2 or four NEON ones. */
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint8_t v16b __attribute__((vector_size(16)));
+typedef uint16_t v16h __attribute__((vector_size(32)));
+
+static inline v16b load_bytes(const uint8_t *p) { v16b v; memcpy(&v, p, 16); return v; }
+static inline v16f load_floats(const float *p) { v16f v; memcpy(&v, p, 64); return v; }
+static inline v16f bytes_to_float(v16b v) { return __builtin_convertvector(__builtin_convertvector(v, v16i), v16f); }
+static inline v16f splat(float s) { return (v16f){0} + s; }
+
+static inline v16f halves_to_float(const uint8_t *p) { /* 16 fp16 values */
+#if defined(__AVX512F__)
+    return (v16f)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+#elif defined(__F16C__)
+    v16f out;
+    __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16)));
+    memcpy(&out, &lo, 32);
+    memcpy((char *)&out + 32, &hi, 32);
+    return out;
+#else
+    v16f out;
+    for (int i = 0; i < 16; i++) out[i] = read_fp16(p + 2 * i);
+    return out;
+#endif
+}
+
+static inline void group_f32(const uint8_t *b, int g, v16f *w) {
+    w[0] = load_floats((const float *)b + 32 * g);
+    w[1] = load_floats((const float *)b + 32 * g + 16);
+}
+
+static inline void group_f16(const uint8_t *b, int g, v16f *w) {
+    w[0] = halves_to_float(b + 64 * g);
+    w[1] = halves_to_float(b + 64 * g + 32);
+}
+
+static inline void group_bf16(const uint8_t *b, int g, v16f *w) {
+    for (int half = 0; half < 2; half++) {
+        v16h h;
+        memcpy(&h, b + 64 * g + 32 * half, 32);
+        v16u bits = __builtin_convertvector(h, v16u) << 16;
+        memcpy(&w[half], &bits, 64);
+    }
+}
+
+static inline void group_q4_0(const uint8_t *b, int g, v16f *w) { /* fp16 d, 16 bytes of nibbles */
+    b += 18 * g;
+    const v16f d = splat(read_fp16(b));
+    const v16b q = load_bytes(b + 2);
+    w[0] = (bytes_to_float(q & 15) - 8.0f) * d;
+    w[1] = (bytes_to_float(q >> 4) - 8.0f) * d;
+}
+
+static inline void group_q4_1(const uint8_t *b, int g, v16f *w) { /* fp16 d, fp16 m, 16 bytes of nibbles */
+    b += 20 * g;
+    const v16f d = splat(read_fp16(b)), m = splat(read_fp16(b + 2));
+    const v16b q = load_bytes(b + 4);
+    w[0] = bytes_to_float(q & 15) * d + m;
+    w[1] = bytes_to_float(q >> 4) * d + m;
+}
+
+/* The fifth bits of Q5_0 / Q5_1: bit j of qh belongs to element j (j < 32), as 0 or 16. */
+static inline void fifth_bits(const uint8_t *p, v16b *lo, v16b *hi) {
+    uint32_t qh;
+    memcpy(&qh, p, 4);
+    const v16u lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const v16u bits = (v16u){0} + qh;
+    *lo = __builtin_convertvector(((bits >> lane) & 1) << 4, v16b);
+    *hi = __builtin_convertvector(((bits >> (lane + 16)) & 1) << 4, v16b);
+}
+
+static inline void group_q5_0(const uint8_t *b, int g, v16f *w) { /* fp16 d, 32 high bits, 16 bytes of nibbles */
+    b += 22 * g;
+    const v16f d = splat(read_fp16(b));
+    v16b h0, h1;
+    fifth_bits(b + 2, &h0, &h1);
+    const v16b q = load_bytes(b + 6);
+    w[0] = (bytes_to_float((q & 15) | h0) - 16.0f) * d;
+    w[1] = (bytes_to_float((q >> 4) | h1) - 16.0f) * d;
+}
+
+static inline void group_q5_1(const uint8_t *b, int g, v16f *w) { /* fp16 d, fp16 m, 32 high bits, nibbles */
+    b += 24 * g;
+    const v16f d = splat(read_fp16(b)), m = splat(read_fp16(b + 2));
+    v16b h0, h1;
+    fifth_bits(b + 4, &h0, &h1);
+    const v16b q = load_bytes(b + 8);
+    w[0] = bytes_to_float((q & 15) | h0) * d + m;
+    w[1] = bytes_to_float((q >> 4) | h1) * d + m;
+}
+
+static inline void group_q8_0(const uint8_t *b, int g, v16f *w) { /* fp16 d, 32 int8 */
+    b += 34 * g;
+    const v16f d = splat(read_fp16(b));
+    /* int8 -> float as (q + 128) - 128: compilers widen unsigned bytes in one instruction, signed ones lane by lane */
+    w[0] = (bytes_to_float(load_bytes(b + 2) ^ 0x80) - 128.0f) * d;
+    w[1] = (bytes_to_float(load_bytes(b + 18) ^ 0x80) - 128.0f) * d;
+}
+
+/* K-quants: 256 weights per super-block in 8 groups of 32; 6-bit group scales and minimums in 12 bytes. */
+static inline void scale_min_k4(int j, const uint8_t *q, float *sc, float *m) {
+    if (j < 4) {
+        *sc = (float)(q[j] & 63);
+        *m = (float)(q[j + 4] & 63);
+    } else {
+        *sc = (float)((q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4));
+        *m = (float)((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
+    }
+}
+
+static inline void group_q4_k(const uint8_t *b, int g, v16f *w) { /* d, dmin, scales[12], qs[128] */
+    float sc, m;
+    scale_min_k4(g, b + 4, &sc, &m);
+    const v16f d = splat(read_fp16(b) * sc), min = splat(read_fp16(b + 2) * m);
+    const uint8_t *q = b + 16 + 32 * (g / 2);
+    const int shift = 4 * (g & 1);
+    w[0] = d * bytes_to_float((load_bytes(q) >> shift) & 15) - min;
+    w[1] = d * bytes_to_float((load_bytes(q + 16) >> shift) & 15) - min;
+}
+
+static inline void group_q5_k(const uint8_t *b, int g, v16f *w) { /* d, dmin, scales[12], qh[32], qs[128] */
+    float sc, m;
+    scale_min_k4(g, b + 4, &sc, &m);
+    const v16f d = splat(read_fp16(b) * sc), min = splat(read_fp16(b + 2) * m);
+    const uint8_t *qh = b + 16, *ql = b + 48 + 32 * (g / 2);
+    const int shift = 4 * (g & 1);
+    for (int half = 0; half < 2; half++) {
+        const v16b q = ((load_bytes(ql + 16 * half) >> shift) & 15) | (((load_bytes(qh + 16 * half) >> g) & 1) << 4);
+        w[half] = d * bytes_to_float(q) - min;
+    }
+}
+
+static inline void group_q6_k(const uint8_t *b, int g, v16f *w) { /* ql[128], qh[64], int8 scales[16], d */
+    const int half = g / 4, quarter = g % 4;
+    const float d = read_fp16(b + 208);
+    const int8_t *sc = (const int8_t *)(b + 192) + 8 * half + 2 * quarter;
+    const uint8_t *ql = b + 64 * half + 32 * (quarter & 1), *qh = b + 128 + 32 * half;
+    const int shift = 4 * (quarter >> 1);
+    for (int i = 0; i < 2; i++) {
+        const v16b q = ((load_bytes(ql + 16 * i) >> shift) & 15) | (((load_bytes(qh + 16 * i) >> (2 * quarter)) & 3) << 4);
+        w[i] = splat(d * sc[i]) * (bytes_to_float(q) - 32.0f);
+    }
+}
+
+/* ------------------------------------------------------------------ per-type row kernels (dequant inlined) */
+
+/* y[m, n] = sum_k x[m, k] * W[n, k] for rows n0 <= n < n1 and all m < M. */
+#define DEFINE_TYPE(name, QK, BYTES)                                                                          \
+    static void matmul_##name(const uint8_t *w, int64_t row_bytes, int64_t K, const float *x, int64_t M,    \
+                              float *y, int64_t N, int64_t n0, int64_t n1) {                                \
+        const int64_t blocks = K / QK;                                                                      \
+        if (M == 1) { /* decode: two accumulator chains, all in registers */                                \
+            for (int64_t n = n0; n < n1; n++) {                                                             \
+                const uint8_t *row = w + n * row_bytes;                                                     \
+                v16f acc0 = {0}, acc1 = {0};                                                                \
+                for (int64_t b = 0; b < blocks; b++)                                                        \
+                    _Pragma("GCC unroll 8") for (int g = 0; g < QK / 32; g++) {                                                     \
+                        v16f wv[2];                                                                         \
+                        group_##name(row + b * BYTES, g, wv);                                               \
+                        acc0 += wv[0] * load_floats(x + b * QK + 32 * g);                                   \
+                        acc1 += wv[1] * load_floats(x + b * QK + 32 * g + 16);                              \
+                    }                                                                                       \
+                acc0 += acc1;                                                                               \
+                float sum = 0.0f;                                                                           \
+                for (int l = 0; l < 16; l++) sum += acc0[l];                                                \
+                y[n] = sum;                                                                                 \
+            }                                                                                               \
+            return;                                                                                         \
+        }                                                                                                   \
+        for (int64_t n = n0; n < n1; n++) {                                                                 \
+            const uint8_t *row = w + n * row_bytes;                                                         \
+            for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {                                                  \
+                const int rows = (int)(M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS);                              \
+                v16f acc[MAX_ROWS];                                                                         \
+                for (int r = 0; r < rows; r++) acc[r] = (v16f){0};                                          \
+                for (int64_t b = 0; b < blocks; b++) {                                                      \
+                    _Pragma("GCC unroll 8") for (int g = 0; g < QK / 32; g++) {                                                     \
+                        v16f wv[2];                                                                         \
+                        group_##name(row + b * BYTES, g, wv);                                               \
+                        const float *xg = x + m0 * K + b * QK + 32 * g;                                     \
+                        for (int r = 0; r < rows; r++)                                                      \
+                            acc[r] += wv[0] * load_floats(xg + r * K) + wv[1] * load_floats(xg + r * K + 16); \
+                    }                                                                                       \
+                }                                                                                           \
+                for (int r = 0; r < rows; r++) {                                                            \
+                    float sum = 0.0f;                                                                       \
+                    for (int l = 0; l < 16; l++) sum += acc[r][l];                                          \
+                    y[(m0 + r) * N + n] = sum;                                                              \
+                }                                                                                           \
+            }                                                                                               \
+        }                                                                                                   \
+    }                                                                                                       \
+    static void rows_##name(const uint8_t *w, int64_t row_bytes, int64_t K, const int64_t *index,           \
+                            float *out, int64_t r0, int64_t r1) {                                           \
+        for (int64_t r = r0; r < r1; r++) {                                                                 \
+            const uint8_t *row = w + (index ? index[r] : r) * row_bytes;                                    \
+            for (int64_t b = 0; b < K / QK; b++)                                                            \
+                _Pragma("GCC unroll 8") for (int g = 0; g < QK / 32; g++) {                                                         \
+                    v16f wv[2];                                                                             \
+                    group_##name(row + b * BYTES, g, wv);                                                   \
+                    memcpy(out + r * K + b * QK + 32 * g, wv, sizeof wv);                                   \
+                }                                                                                           \
+        }                                                                                                   \
+    }
+
+DEFINE_TYPE(f32, 32, 128)
+DEFINE_TYPE(f16, 32, 64)
+DEFINE_TYPE(bf16, 32, 64)
+DEFINE_TYPE(q4_0, 32, 18)
+DEFINE_TYPE(q4_1, 32, 20)
+DEFINE_TYPE(q5_0, 32, 22)
+DEFINE_TYPE(q5_1, 32, 24)
+DEFINE_TYPE(q8_0, 32, 34)
+DEFINE_TYPE(q4_k, 256, 144)
+DEFINE_TYPE(q5_k, 256, 176)
+DEFINE_TYPE(q6_k, 256, 210)
+
+/* ------------------------------ integer activations (llama.cpp's way, or finer), x86 with AVX2 and FMA only */
+
+/* x is quantised per 32 values with a float scale, to int8 (ggml's Q8_0: d = max|x| / 127, q = round(x / d), as
+ * llama.cpp's CPU backend does) or int16 (d = max|x| / 32767), and each group of 32 weights becomes int8 codes
+ * times one or two float scales (plus a float minimum for the d * q + m formats), so a group's dot product is a
+ * few integer instructions (VNNI vpdpbusd or maddubs + madd for int8, madd for int16) instead of 32 float
+ * multiply-adds. Matmul outputs move by about 5e-3 (int8) or 2e-5 (int16) of their largest value; the float32
+ * path above stays for exact products and for other CPUs. */
+typedef struct {
+    void *q;     /* (M, K) codes: int8 or int16 */
+    float *d;    /* (M, K / 32) scales */
+    float *sum;  /* (M, K / 32) d * sum of q (for the minimum of d * q + m formats) */
+} q_rows;
+
+/* x per 32 values as d * q with q = round(x / d), d = max|x| / qmax: int8 (qmax 127, ggml's Q8_0) or int16. */
+static void quantize_rows(const float *x, int64_t M, int64_t K, int bits, q_rows *out) {
+    const float qmax = bits == 8 ? 127.0f : 32767.0f;
+    for (int64_t i = 0; i < M * K / 32; i++) {
+        const float *v = x + 32 * i;
+        float amax = 0.0f;
+        for (int j = 0; j < 32; j++) {
+            const float a = v[j] < 0 ? -v[j] : v[j];
+            amax = a > amax ? a : amax;
+        }
+        const float d = amax / qmax, id = d != 0.0f ? 1.0f / d : 0.0f;
+        int32_t qsum = 0; /* the minimum's term uses the quantised values too: the product is then exactly the
+                             dequantised weights times the quantised activations (ggml's Q8_1 keeps d * sum q) */
+        for (int j = 0; j < 32; j++) {
+            const int32_t code = (int32_t)__builtin_roundf(v[j] * id);
+            qsum += code;
+            if (bits == 8)
+                ((int8_t *)out->q)[32 * i + j] = (int8_t)code;
+            else
+                ((int16_t *)out->q)[32 * i + j] = (int16_t)code;
+        }
+        out->d[i] = d;
+        out->sum[i] = d * (float)qsum;
+    }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+
+/* 8 int32 partial sums of w · x over 32 signed bytes (lanes 0-3 cover bytes 0-15, lanes 4-7 bytes 16-31). */
+static inline __m256i dot_s8(__m256i w, __m256i x) {
+    const __m256i aw = _mm256_sign_epi8(w, w), sx = _mm256_sign_epi8(x, w); /* |w| * (x * sign w) = w * x */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), aw, sx);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), _mm256_set1_epi16(1));
+#endif
+}
+
+/* The same with int16 activations: two vectors of 8 int32 sums, for elements 0-15 and 16-31. */
+static inline void dot_s16(__m256i w, const int16_t *x, __m256i *lo, __m256i *hi) {
+    const __m256i w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w));
+    const __m256i w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w, 1));
+    *lo = _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)x));
+    *hi = _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(x + 16)));
+}
+
+static inline __m256i nibbles_32(const uint8_t *p) { /* 16 bytes -> low nibbles (elements 0-15), high (16-31) */
+    const __m128i raw = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0f));
+}
+
+static inline __m256i bits_32(const uint8_t *p) { /* 32 bits -> byte i = 16 if bit i is set, else 0 */
+    uint32_t bits;
+    memcpy(&bits, p, 4);
+    const __m256i shuffle = _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303);
+    const __m256i mask = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), shuffle); /* byte i = byte i/8 */
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, mask), mask), _mm256_set1_epi8(16));
+}
+
+/* A group of 32 weights as int8 codes w (value = scale * w + min), scale0 for elements 0-15, scale1 for 16-31. */
+typedef struct {
+    __m256i w;
+    float scale0, scale1, min;
+} i8_group;
+
+static inline i8_group i8_q4_0(const uint8_t *b, int g) {
+    b += 18 * g;
+    const float d = read_fp16(b);
+    return (i8_group){_mm256_sub_epi8(nibbles_32(b + 2), _mm256_set1_epi8(8)), d, d, 0.0f};
+}
+
+static inline i8_group i8_q4_1(const uint8_t *b, int g) {
+    b += 20 * g;
+    const float d = read_fp16(b);
+    return (i8_group){nibbles_32(b + 4), d, d, read_fp16(b + 2)};
+}
+
+static inline i8_group i8_q5_0(const uint8_t *b, int g) {
+    b += 22 * g;
+    const float d = read_fp16(b);
+    const __m256i q = _mm256_or_si256(nibbles_32(b + 6), bits_32(b + 2));
+    return (i8_group){_mm256_sub_epi8(q, _mm256_set1_epi8(16)), d, d, 0.0f};
+}
+
+static inline i8_group i8_q5_1(const uint8_t *b, int g) {
+    b += 24 * g;
+    const float d = read_fp16(b);
+    return (i8_group){_mm256_or_si256(nibbles_32(b + 8), bits_32(b + 4)), d, d, read_fp16(b + 2)};
+}
+
+static inline i8_group i8_q8_0(const uint8_t *b, int g) {
+    b += 34 * g;
+    const float d = read_fp16(b);
+    return (i8_group){_mm256_loadu_si256((const __m256i *)(b + 2)), d, d, 0.0f};
+}
+
+static inline __m256i shifted_nibbles(const uint8_t *p, int shift) { /* 32 bytes -> (byte >> shift) & 15 */
+    const __m256i raw = _mm256_loadu_si256((const __m256i *)p);
+    return _mm256_and_si256(_mm256_srli_epi16(raw, shift), _mm256_set1_epi8(0x0f));
+}
+
+static inline i8_group i8_q4_k(const uint8_t *b, int g) {
+    float sc, m;
+    scale_min_k4(g, b + 4, &sc, &m);
+    const float d = read_fp16(b) * sc;
+    return (i8_group){shifted_nibbles(b + 16 + 32 * (g / 2), 4 * (g & 1)), d, d, -(read_fp16(b + 2) * m)};
+}
+
+static inline i8_group i8_q5_k(const uint8_t *b, int g) {
+    float sc, m;
+    scale_min_k4(g, b + 4, &sc, &m);
+    const float d = read_fp16(b) * sc;
+    const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 16));
+    const __m256i high = _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qh, g), 4), _mm256_set1_epi8(16));
+    return (i8_group){_mm256_or_si256(shifted_nibbles(b + 48 + 32 * (g / 2), 4 * (g & 1)), high), d, d,
+                      -(read_fp16(b + 2) * m)};
+}
+
+static inline i8_group i8_q6_k(const uint8_t *b, int g) {
+    const int half = g / 4, quarter = g % 4;
+    const float d = read_fp16(b + 208);
+    const int8_t *sc = (const int8_t *)(b + 192) + 8 * half + 2 * quarter;
+    const __m256i low = shifted_nibbles(b + 64 * half + 32 * (quarter & 1), 4 * (quarter >> 1));
+    const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * half));
+    const __m256i high = _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qh, 2 * quarter), 4),
+                                          _mm256_set1_epi8(0x30));
+    const __m256i q = _mm256_sub_epi8(_mm256_or_si256(low, high), _mm256_set1_epi8(32));
+    return (i8_group){q, d * sc[0], d * sc[1], 0.0f};
+}
+
+static inline float hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* One group's contribution to acc with int8 (BITS 8) or int16 (BITS 16) activations. */
+static inline __attribute__((always_inline)) __m256 int_group(i8_group wg, const q_rows *x, int64_t xj, int bits,
+                                                              int two_scales, __m256 acc) {
+    const float dx = x->d[xj];
+    if (bits == 8) {
+        const __m256i p = dot_s8(wg.w, _mm256_loadu_si256((const __m256i *)((const int8_t *)x->q + 32 * xj)));
+        const __m256 scale = two_scales ? _mm256_set_m128(_mm_set1_ps(wg.scale1 * dx), _mm_set1_ps(wg.scale0 * dx))
+                                        : _mm256_set1_ps(wg.scale0 * dx);
+        return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc);
+    }
+    __m256i lo, hi;
+    dot_s16(wg.w, (const int16_t *)x->q + 32 * xj, &lo, &hi);
+    if (!two_scales) return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi)), _mm256_set1_ps(wg.scale0 * dx), acc);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_set1_ps(wg.scale0 * dx), acc);
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_set1_ps(wg.scale1 * dx), acc);
+}
+
+/* y[m, n] for rows n0 <= n < n1 against `rows` quantised x rows (a constant where inlined: registers). */
+#define DEFINE_INT(name, QK, BYTES, TWO_SCALES, HAS_MIN)                                                      \
+    static inline __attribute__((always_inline)) void int_rows_##name(                                       \
+        const uint8_t *row, int64_t K, const q_rows *x, int64_t m0, const int rows, const int bits, float *out) { \
+        __m256 acc[MAX_ROWS];                                                                               \
+        float corr[MAX_ROWS];                                                                               \
+        for (int r = 0; r < rows; r++) { acc[r] = _mm256_setzero_ps(); corr[r] = 0.0f; }                    \
+        for (int64_t b = 0; b < K / QK; b++) {                                                              \
+            _Pragma("GCC unroll 8") for (int g = 0; g < QK / 32; g++) {                                     \
+                const i8_group wg = i8_##name(row + b * BYTES, g);                                          \
+                for (int r = 0; r < rows; r++) {                                                            \
+                    const int64_t xj = (m0 + r) * (K / 32) + b * (QK / 32) + g;                             \
+                    acc[r] = int_group(wg, x, xj, bits, TWO_SCALES, acc[r]);                                \
+                    if (HAS_MIN) corr[r] += wg.min * x->sum[xj];                                            \
+                }                                                                                           \
+            }                                                                                               \
+        }                                                                                                   \
+        for (int r = 0; r < rows; r++) out[r] = hsum_ps(acc[r]) + corr[r];                                  \
+    }                                                                                                       \
+    static void matmul_int_##name(const uint8_t *w, int64_t row_bytes, int64_t K, const q_rows *x, int bits,   \
+                                  int64_t M, float *y, int64_t N, int64_t n0, int64_t n1) {                 \
+        float out[MAX_ROWS];                                                                                \
+        for (int64_t n = n0; n < n1; n++) {                                                                 \
+            const uint8_t *row = w + n * row_bytes;                                                         \
+            if (M == 1) { /* decode: constant arguments, so each case compiles to its own register loop */  \
+                if (bits == 8)                                                                              \
+                    int_rows_##name(row, K, x, 0, 1, 8, out);                                               \
+                else                                                                                        \
+                    int_rows_##name(row, K, x, 0, 1, 16, out);                                              \
+                y[n] = out[0];                                                                              \
+                continue;                                                                                   \
+            }                                                                                               \
+            for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {                                                  \
+                const int rows = (int)(M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS);                              \
+                int_rows_##name(row, K, x, m0, rows, bits, out);                                            \
+                for (int r = 0; r < rows; r++) y[(m0 + r) * N + n] = out[r];                                \
+            }                                                                                               \
+        }                                                                                                   \
+    }
+
+DEFINE_INT(q4_0, 32, 18, 0, 0)
+DEFINE_INT(q4_1, 32, 20, 0, 1)
+DEFINE_INT(q5_0, 32, 22, 0, 0)
+DEFINE_INT(q5_1, 32, 24, 0, 1)
+DEFINE_INT(q8_0, 32, 34, 0, 0)
+DEFINE_INT(q4_k, 256, 144, 0, 1)
+DEFINE_INT(q5_k, 256, 176, 0, 1)
+DEFINE_INT(q6_k, 256, 210, 1, 0)
+#define INT(name) matmul_int_##name
+#else
+#define INT(name) 0
+#endif
+
+typedef void (*int_matmul_fn)(const uint8_t *, int64_t, int64_t, const q_rows *, int, int64_t, float *, int64_t,
+                              int64_t, int64_t);
+
+typedef void (*matmul_fn)(const uint8_t *, int64_t, int64_t, const float *, int64_t, float *, int64_t, int64_t,
+                          int64_t);
+typedef void (*rows_fn)(const uint8_t *, int64_t, int64_t, const int64_t *, float *, int64_t, int64_t);
+
+typedef struct {
+    int type, block, bytes;
+    matmul_fn matmul;
+    rows_fn rows;
+    int_matmul_fn matmul_int; /* int8 / int16 activations; 0 where the format or the CPU has none */
+} kernel_t;
+
+static const kernel_t KERNELS[] = {
+    {F32, 32, 128, matmul_f32, rows_f32, 0},
+    {F16, 32, 64, matmul_f16, rows_f16, 0},
+    {BF16, 32, 64, matmul_bf16, rows_bf16, 0},
+    {Q4_0, 32, 18, matmul_q4_0, rows_q4_0, INT(q4_0)},
+    {Q4_1, 32, 20, matmul_q4_1, rows_q4_1, INT(q4_1)},
+    {Q5_0, 32, 22, matmul_q5_0, rows_q5_0, INT(q5_0)},
+    {Q5_1, 32, 24, matmul_q5_1, rows_q5_1, INT(q5_1)},
+    {Q8_0, 32, 34, matmul_q8_0, rows_q8_0, INT(q8_0)},
+    {Q4_K, 256, 144, matmul_q4_k, rows_q4_k, INT(q4_k)},
+    {Q5_K, 256, 176, matmul_q5_k, rows_q5_k, INT(q5_k)},
+    {Q6_K, 256, 210, matmul_q6_k, rows_q6_k, INT(q6_k)},
+};
+
+static const kernel_t *find(int type) {
+    for (size_t i = 0; i < sizeof KERNELS / sizeof KERNELS[0]; i++)
+        if (KERNELS[i].type == type) return &KERNELS[i];
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ public API */
+
+/* Weights per block of a ggml type this library multiplies through, and 0 for any other type. */
+int kiln_block_size(int type) {
+    const kernel_t *k = find(type);
+    return k ? k->block : 0;
+}
+
+/* Bytes per block of a supported type (0 otherwise). */
+int kiln_block_bytes(int type) {
+    const kernel_t *k = find(type);
+    return k ? k->bytes : 0;
+}
+
+/* Whether the library was built with OpenMP (1) or runs every call on the calling thread (0). */
+int kiln_has_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Split [0, total) into `parts` contiguous chunks, each a multiple of `align` (but the last); chunk `i`. */
+static void chunk(int64_t total, int parts, int i, int64_t align, int64_t *lo, int64_t *hi) {
+    int64_t units = (total + align - 1) / align;
+    *lo = units * i / parts * align;
+    *hi = units * (i + 1) / parts * align;
+    if (*hi > total) *hi = total;
+    if (*lo > total) *lo = total;
+}
+
+/* Whether ggml `type` has the integer-activation kernels on this build (x86 with AVX2 and FMA). */
+int kiln_has_integer_path(int type) {
+    const kernel_t *k = find(type);
+    return k && k->matmul_int;
+}
+
+/* y (M, N) = x (M, K) · W (N, K)ᵀ, W rows of `row_bytes` ggml blocks. With `activation_bits` 8 or 16 and a format that
+ * has the integer kernel, x is first quantised per 32 values to int8 (ggml's Q8_0, as llama.cpp's CPU backend does)
+ * or int16; with 32 (or no integer kernel) the products are float32. -1 for an unsupported type or K, -2 when
+ * scratch memory ran out, else 0. */
+int kiln_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K, const float *x, int64_t M,
+                float *y, int threads, int activation_bits) {
+    const kernel_t *k = find(type);
+    if (!k || K % k->block) return -1;
+    if (threads < 1) threads = 1;
+    if (N < 64 * threads) threads = 1; /* a thread team costs more than tiny matrices */
+    q_rows xq = {0, 0, 0};
+    const int bits = (activation_bits == 8 || activation_bits == 16) && k->matmul_int ? activation_bits : 32;
+    if (bits != 32) {
+        char *scratch = malloc((size_t)(M * K) * (bits / 8) + 2 * sizeof(float) * (size_t)(M * K / 32));
+        if (!scratch) return -2;
+        xq.d = (float *)scratch;
+        xq.sum = xq.d + M * K / 32;
+        xq.q = xq.sum + M * K / 32;
+        quantize_rows(x, M, K, bits, &xq);
+    }
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#endif
+    for (int t = 0; t < threads; t++) {
+        int64_t lo, hi;
+        chunk(N, threads, t, 16, &lo, &hi);
+        if (lo >= hi) continue;
+        if (bits != 32)
+            k->matmul_int(w, row_bytes, K, &xq, bits, M, y, N, lo, hi);
+        else
+            k->matmul(w, row_bytes, K, x, M, y, N, lo, hi);
+    }
+    free(xq.d);
+    return 0;
+}
+
+/* out (R, K) float32 = rows index[0..R) of W (rows 0..R-1 when index is NULL); -1 for an unsupported type. */
+int kiln_dequant_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t K, const int64_t *index, int64_t R,
+                      float *out, int threads) {
+    const kernel_t *k = find(type);
+    if (!k || K % k->block) return -1;
+    if (threads < 1) threads = 1;
+    if (R < 4 * threads) threads = 1;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#endif
+    for (int t = 0; t < threads; t++) {
+        int64_t lo, hi;
+        chunk(R, threads, t, 1, &lo, &hi);
+        if (lo < hi) k->rows(w, row_bytes, K, index, out, lo, hi);
+    }
+    return 0;
+}
+
+/* --------------------------------------------------------------------------------------- decode attention */
+
+static inline float dot_f32(const float *a, const float *b, int64_t n) {
+    int64_t i = 0;
+    float sum = 0.0f;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    }
+    sum = hsum_ps(_mm256_add_ps(acc0, acc1));
+#else
+    v16f acc = {0};
+    for (; i + 16 <= n; i += 16) acc += load_floats(a + i) * load_floats(b + i);
+    for (int l = 0; l < 16; l++) sum += acc[l];
+#endif
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+/* exp(x) for x <= 0 (softmax's shifted scores), 16 at a time: 2^n * p(r), r = x - n ln 2 in [-ln2/2, ln2/2],
+ * with the degree-6 Taylor polynomial of e^r (relative error below 3e-7, under float32 softmax's own rounding). */
+static inline v16f exp_neg(v16f x) {
+    const v16i low = x < -87.0f; /* lanes of -1 where e^x underflows float32 (and padding's -inf): clamp them */
+    v16i xb;
+    memcpy(&xb, &x, 64);
+    const v16f floor_ = (v16f){0} - 87.0f;
+    v16i fb;
+    memcpy(&fb, &floor_, 64);
+    xb = (xb & ~low) | (fb & low);
+    memcpy(&x, &xb, 64);
+    const v16f n = __builtin_convertvector(__builtin_convertvector(x * 1.44269504f + (v16f){0} - 0.5f, v16i), v16f);
+    const v16f r = x - n * 0.693145752f - n * 1.42860677e-6f;
+    v16f p = (v16f){0} + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const v16i bits = (__builtin_convertvector(n, v16i) + 127) << 23;
+    v16f scale;
+    memcpy(&scale, &bits, 64);
+    return p * scale;
+}
+
+#define MAX_GROUP 16 /* query heads per kv head handled together (GQA); larger groups are split */
+
+/* One query per (sequence, head): out = softmax(q · kᵀ * scale) · v over keys first..S-1 (first = S - window, or 0).
+ * q, out: (B, Hq, D) contiguous; k, v: (B, Hkv, ., D) float32 with row stride D and the given batch / head strides
+ * (a cache's preallocated buffers); query head h reads kv head h / (Hq / Hkv), and the query heads of one kv head
+ * go together so each key and value row is read once. -2 when scratch memory ran out, -1 for a bad shape. */
+int kiln_decode_attention(const float *q, const float *k, const float *v, float *out, int64_t B, int64_t Hq,
+                          int64_t Hkv, int64_t S, int64_t D, int64_t kv_batch_stride, int64_t kv_head_stride,
+                          int64_t window, int threads) {
+    const int64_t first = window > 0 && window < S ? S - window : 0, keys = S - first, group = Hq / Hkv;
+    if (D % 16 || D > 256 || Hq % Hkv) return -1;
+    const int64_t parts = (group + MAX_GROUP - 1) / MAX_GROUP, tasks = B * Hkv * parts;
+    const float scale = 1.0f / __builtin_sqrtf((float)D);
+    const int64_t padded = (keys + 15) / 16 * 16;
+    int failed = 0;
+    if (threads < 1) threads = 1;
+    if (B * Hq * keys * D < (1 << 15)) threads = 1;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#endif
+    for (int64_t task = 0; task < tasks; task++) {
+        const int64_t b = task / (Hkv * parts), kvh = task / parts % Hkv, g0 = task % parts * MAX_GROUP;
+        const int64_t heads = group - g0 < MAX_GROUP ? group - g0 : MAX_GROUP, h0 = kvh * group + g0;
+        const float *kh = k + b * kv_batch_stride + kvh * kv_head_stride + first * D;
+        const float *vh = v + b * kv_batch_stride + kvh * kv_head_stride + first * D;
+        float *scores = malloc(sizeof(float) * (size_t)(heads * padded + 1));
+        if (!scores) { failed = 1; continue; }
+        for (int64_t s = 0; s < keys; s++)
+            for (int64_t g = 0; g < heads; g++) scores[g * padded + s] = dot_f32(q + (b * Hq + h0 + g) * D, kh + s * D, D) * scale;
+        float inv_total[MAX_GROUP];
+        for (int64_t g = 0; g < heads; g++) {
+            float *row = scores + g * padded, top = -__builtin_inff(), total = 0.0f;
+            for (int64_t s = 0; s < keys; s++) top = row[s] > top ? row[s] : top;
+            for (int64_t s = keys; s < padded; s++) row[s] = -__builtin_inff();
+            v16f sum = {0};
+            for (int64_t s = 0; s < padded; s += 16) {
+                const v16f e = exp_neg(load_floats(row + s) - top);
+                memcpy(row + s, &e, 64);
+                sum += e;
+            }
+            for (int l = 0; l < 16; l++) total += sum[l];
+            inv_total[g] = 1.0f / total;
+        }
+        for (int64_t g = 0; g < heads; g++) {
+            v16f acc[16] = {{0}};
+            const float *row = scores + g * padded;
+            for (int64_t s = 0; s < keys; s++) {
+                const v16f p = splat(row[s]);
+                for (int64_t d = 0; d < D / 16; d++) acc[d] += p * load_floats(vh + s * D + 16 * d);
+            }
+            float *oh = out + (b * Hq + h0 + g) * D;
+            for (int64_t d = 0; d < D / 16; d++) {
+                const v16f o = acc[d] * inv_total[g];
+                memcpy(oh + 16 * d, &o, 64);
+            }
+        }
+        free(scores);
+    }
+    return failed ? -2 : 0;
+}

@@ -1,0 +1,147 @@
+"""The compiled CPU kernels (kernels/cpu.c) against the format registry and the pure-torch references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kilnlm.kernels import cpu
+from kilnlm.kernels.attention import attention_ref
+from kilnlm.kernels.cpu import CpuKernelError, CpuOptions, decode_attention, ggml_embedding, ggml_embedding_ref, \
+    ggml_matmul, ggml_matmul_ref
+from kilnlm.quant.formats import QuantizedTensor, get_format
+from kilnlm.runtime.models.quantized_linear import cpu_matrix
+
+FORMATS = ["f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k"]
+INTEGER_FORMATS = [f for f in FORMATS if f not in ("f16", "bf16")]
+
+needs_compiler = pytest.mark.skipif(not cpu.kernel_status().compiled,
+                                    reason=f"no CPU kernels here: {cpu.kernel_status().detail}")
+
+
+def _matrix(fmt: str, rows: int = 48, cols: int = 512, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    weights = torch.randn(rows, cols, generator=generator) * 0.05
+    weights[:, 7] *= 20  # an outlier column, as trained weights have
+    tensor = QuantizedTensor.from_float(weights, get_format(fmt))
+    return cpu_matrix(tensor), tensor.format.dequantize(tensor.data, tensor.shape)
+
+
+@needs_compiler
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gathered_rows_are_the_registrys_values(fmt):
+    matrix, dense = _matrix(fmt)
+    ids = torch.tensor([[3, 0, 47], [3, 11, 29]])
+    got = ggml_embedding(ids, matrix, CpuOptions(threads=2))
+    assert got.shape == (2, 3, 512)
+    # float32 products of exact codes and scales; d * q + m formats may fuse into one rounding (an FMA)
+    torch.testing.assert_close(got, dense[ids], rtol=2e-7, atol=1e-9)
+    torch.testing.assert_close(ggml_embedding_ref(ids, matrix), dense[ids], rtol=0, atol=0)
+
+
+@needs_compiler
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("rows", [1, 3, 20])  # decode, a batch of decodes, a prefill chunk
+def test_float32_products_match_the_dequantised_matmul(fmt, rows):
+    matrix, dense = _matrix(fmt)
+    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(1))
+    want = x @ dense.T
+    got = ggml_matmul(x, matrix, CpuOptions(threads=2, activations="f32"))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ggml_matmul_ref(x, matrix), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+@pytest.mark.parametrize("fmt", INTEGER_FORMATS)
+@pytest.mark.parametrize("activations, tolerance", [("i16", 1e-4), ("i8", 2e-2)])
+def test_integer_activations_stay_within_their_precision(fmt, activations, tolerance):
+    matrix, dense = _matrix(fmt)
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(2))
+    x[:, 100] = 8.0  # an activation outlier sets its block's scale
+    want = x @ dense.T
+    got = ggml_matmul(x, matrix, CpuOptions(threads=1, activations=activations))
+    error = ((got - want).abs().max() / want.abs().max()).item()
+    assert error < tolerance
+    assert error > 1e-7  # the activations really were quantised (f32 products land near 1e-7)
+
+
+@needs_compiler
+def test_threads_split_rows_without_changing_any_bit():
+    matrix, _ = _matrix("q4_k", rows=300)
+    x = torch.randn(2, 512)
+    one = ggml_matmul(x, matrix, CpuOptions(threads=1))
+    assert torch.equal(one, ggml_matmul(x, matrix, CpuOptions(threads=2)))
+    assert torch.equal(one, ggml_matmul(x, matrix, CpuOptions(threads=7)))
+
+
+@needs_compiler
+def test_bf16_inputs_come_back_in_their_dtype():
+    matrix, dense = _matrix("q8_0")
+    x = torch.randn(1, 1, 512).bfloat16()
+    got = ggml_matmul(x, matrix, CpuOptions())
+    assert got.dtype == torch.bfloat16 and got.shape == (1, 1, 48)
+    torch.testing.assert_close(got.float(), (x.float() @ dense.T), rtol=2e-2, atol=2e-2)
+
+
+def test_bad_options_and_shapes_are_refused():
+    with pytest.raises(CpuKernelError, match="activations"):
+        CpuOptions(activations="fp8")
+    with pytest.raises(CpuKernelError, match="threads"):
+        CpuOptions(threads=0)
+    matrix, _ = _matrix("q4_0")
+    if cpu.kernel_status().compiled:
+        with pytest.raises(CpuKernelError, match="does not fit"):
+            ggml_matmul(torch.randn(1, 256), matrix, CpuOptions())
+    with pytest.raises(CpuKernelError, match="no CPU kernel"):
+        cpu.GGMLMatrix(2, (4, 48), torch.zeros(4, 27, dtype=torch.uint8), lambda d: d)  # 48 columns: no whole block
+
+
+@needs_compiler
+@pytest.mark.parametrize("heads, kv_heads, keys, window", [(8, 8, 70, None), (8, 2, 300, None), (6, 3, 90, 33),
+                                                          (4, 1, 5, None), (4, 2, 9, 0)])
+def test_decode_attention_matches_the_reference(heads, kv_heads, keys, window):
+    generator = torch.Generator().manual_seed(heads * keys)
+    # a cache's buffers: room for more positions than are filled, so heads are strided
+    k_buffer = torch.randn(2, kv_heads, keys + 40, 64, generator=generator) * 2
+    v_buffer = torch.randn(2, kv_heads, keys + 40, 64, generator=generator)
+    k, v = k_buffer[:, :, :keys], v_buffer[:, :, :keys]
+    q = torch.randn(2, heads, 1, 64, generator=generator) * 2
+    got = decode_attention(q, k, v, window, threads=2)
+    torch.testing.assert_close(got, attention_ref(q, k, v, window), rtol=1e-4, atol=1e-5)
+
+
+@needs_compiler
+def test_decode_attention_declines_what_it_does_not_handle():
+    q, k = torch.randn(1, 4, 1, 64), torch.randn(1, 4, 10, 64)
+    assert decode_attention(q.half(), k.half(), k.half(), None, 1) is None  # float16 cache: the reference runs
+    assert decode_attention(q, k.transpose(2, 3).contiguous().transpose(2, 3), k, None, 1) is None  # column-major
+    assert decode_attention(torch.randn(1, 4, 1, 40), torch.randn(1, 4, 10, 40), torch.randn(1, 4, 10, 40),
+                            None, 1) is None  # head size not a multiple of 16
+
+
+def test_a_missing_compiler_is_reported_not_hidden(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cpu._build.cache_clear()
+    try:
+        status = cpu.kernel_status()
+        assert not status.compiled and "no C compiler" in status.detail
+        matrix, dense = _matrix("q4_0")
+        x = torch.randn(1, 512)
+        torch.testing.assert_close(ggml_matmul(x, matrix, CpuOptions()), x @ dense.T, rtol=1e-5, atol=1e-5)
+    finally:
+        cpu._build.cache_clear()
+
+
+def test_a_compiler_error_names_the_compiler(monkeypatch, tmp_path):
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\necho 'cpu.c:1: error: this compiler is broken' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cpu._build.cache_clear()
+    try:
+        status = cpu.kernel_status()
+        assert not status.compiled and "this compiler is broken" in status.detail and str(fake) in status.detail
+    finally:
+        cpu._build.cache_clear()
