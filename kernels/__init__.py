@@ -36,7 +36,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """Causal (optionally sliding-window) GQA attention; the T queries are the last T of the S key positions."""
-    return attention_triton(q, k, v, window) if q.is_cuda else attention_ref(q, k, v, window)
+    if q.is_cuda:
+        return attention_triton(q, k, v, window)
+    if q.shape[2] == 1:  # a decode step: the compiled CPU kernel when it takes these tensors, on torch's threads
+        from kilnlm.kernels.cpu import decode_attention
+
+        out = decode_attention(q, k, v, window, torch.get_num_threads())
+        if out is not None:
+            return out
+    return attention_ref(q, k, v, window)
 
 
 def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
@@ -82,10 +90,15 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return silu_mul_ref(gate, up)
 
 
-def packed_matmul(x: torch.Tensor, weight) -> torch.Tensor:
-    """x · dequant(W)ᵀ for a kernel-packed ggml weight (kernels.dequant_matmul.PackedWeight)."""
+def packed_matmul(x: torch.Tensor, weight, cpu_options=None) -> torch.Tensor:
+    """x · dequant(W)ᵀ for a packed ggml weight: Triton planes (kernels.dequant_matmul.PackedWeight) on CUDA, or the
+    file's blocks on the CPU (kernels.cpu.GGMLMatrix, as `cpu_options` (cpu.CpuOptions) say; the C kernels
+    when this machine could build them, else the pure-torch reference: see cpu.kernel_status)."""
     from kilnlm.kernels import dequant_matmul as dm
+    from kilnlm.kernels.cpu import CpuOptions, GGMLMatrix, ggml_matmul
 
+    if isinstance(weight, GGMLMatrix):
+        return ggml_matmul(x, weight, cpu_options or CpuOptions())
     return dm.dequant_matmul(x, weight) if x.is_cuda else dm.dequant_matmul_ref(x, weight)
 
 
