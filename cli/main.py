@@ -85,6 +85,16 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow loading pytorch_model.bin pickle weights (only for checkpoints you trust)")
     _add_cache_options(parser)
+    _add_cpu_options(parser)
+
+
+def _add_cpu_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for the packed-weight kernels and torch (default: the physical cores)")
+    parser.add_argument("--cpu-activations", choices=("i16", "i8", "f32"), default="i16",
+                        help="how CPU decode multiplies block formats: i16 quantizes each matmul's input to int16 "
+                             "per 32 values (outputs within ~2e-5 of f32's), i8 to int8 as llama.cpp does (a little "
+                             "faster, ~5e-3), f32 keeps float32 products (slowest) (default: i16)")
 
 
 def _add_cache_options(parser: argparse.ArgumentParser) -> None:
@@ -144,7 +154,8 @@ def _load(args: argparse.Namespace, model: str | None, **engine_options):
     path = model or demo_model_path()
     started = time.perf_counter()
     engine = Engine.load(path, device=args.device, dtype=args.dtype, context_length=args.ctx,
-                         allow_pickle=args.allow_pickle, **_cache_kwargs(args), **engine_options)
+                         allow_pickle=args.allow_pickle, threads=args.threads, cpu_activations=args.cpu_activations,
+                         **_cache_kwargs(args), **engine_options)
     from kilnlm.runtime.bench import weight_bytes
 
     weights = weight_bytes(engine.model)
@@ -691,6 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--allow-pickle", action="store_true",
                      help="allow loading pytorch_model.bin pickle weights (only for checkpoints you trust)")
     _add_cache_options(ppl)
+    _add_cpu_options(ppl)
     return parser
 
 

@@ -34,8 +34,6 @@ GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2",  #
                       "mamba": "mamba", "mamba2": "mamba2", "granitehybrid": "granitehybrid"}
 QK_PERMUTED = ("llama", "granitehybrid")  # GGUF architectures whose q/k rows convert_hf_to_gguf permutes
 ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency divisors (Llama 3.1 rope scaling)
-# the formats kernels/dequant_matmul.py multiplies through
-PACKED_RUNTIME_FORMATS = ("q4_0", "q4_1", "q8_0", "q4_k", "q5_k", "q6_k")
 
 # kilnlm (HF-style) parameter names <-> llama.cpp tensor names, per GGUF architecture; {i} is the block index.
 _COMMON_NAMES = {
@@ -344,16 +342,6 @@ class GGUFCheckpoint:
         """How many model tensors `tensors()` yields."""
         return len(self._names)
 
-    def stored_bytes(self, name: str) -> int | None:
-        """Bytes a block linear keeps when the runtime multiplies through it packed (None: it is dequantised)."""
-        info = self.file.tensors[self._names[name]]
-        fmt = format_for_gguf_type(info.ggml_type)
-        if fmt.name in PACKED_RUNTIME_FORMATS and name.startswith("layers.") and len(info.shape) == 2:
-            from kilnlm.kernels.dequant_matmul import kernel_bytes
-
-            return kernel_bytes(fmt.name, info.shape)  # the kernel's planes, not the file's blocks
-        return None
-
     def tensor_format(self, name: str) -> WeightFormat:
         """The stored format of a tensor (by kilnlm name)."""
         return format_for_gguf_type(self.file.tensors[self._names[name]].ggml_type)
@@ -396,24 +384,25 @@ class GGUFCheckpoint:
         heads = _qk_heads(self.config, name)
         return unpermute_qk(weight, heads) if heads else weight
 
-    def tensors(self, *, packed: bool = False) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+    def tensors(self, *, packed: Callable[[str, WeightFormat, tuple[int, ...]], bool] | None = None
+                ) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
         """Yield (kilnlm name, float32 tensor in HF layout), dequantising one tensor at a time.
 
-        With `packed`, block linears stored as Q4_0 / Q4_1 / Q8_0 come as QuantizedTensor instead (rows
-        in HF order), for runtimes that multiply through packed weights.
+        Matrices for which `packed(name, stored format, shape)` is true come as QuantizedTensor instead (the file's
+        blocks, rows in HF order), for runtimes that multiply through packed weights (runtime.models.packing).
         """
         for name in self._names:
-            quantized = self.packed(name) if packed else None
-            yield name, quantized if quantized is not None else self.tensor(name)
+            info = self.file.tensors[self._names[name]]
+            fmt = format_for_gguf_type(info.ggml_type)
+            keep = packed is not None and len(info.shape) == 2 and packed(name, fmt, info.shape)
+            yield name, self.packed(name) if keep else self.tensor(name)
 
-    def packed(self, name: str, *, linears_only: bool = True) -> QuantizedTensor | None:
-        """A block linear's weight as stored, if the kernels multiply through its format (rows back in HF order); with
-        `linears_only` False also the token embedding and output matrices."""
+    def packed(self, name: str) -> QuantizedTensor:
+        """A matrix's weight as stored (the file's blocks, a copy), rows back in HF order."""
         info = self.file.tensors[self._names[name]]
         fmt = format_for_gguf_type(info.ggml_type)
-        if fmt.name not in PACKED_RUNTIME_FORMATS or len(info.shape) != 2 or (
-                linears_only and not name.startswith("layers.")):
-            return None
+        if len(info.shape) != 2:
+            raise CheckpointError(f"{self.path}: {info.name!r} is not a matrix")
         data = self.file.raw(info.name).reshape(fmt.packed_shape(info.shape))
         heads = _qk_heads(self.config, name)
         return QuantizedTensor(fmt, info.shape, (unpermute_qk(data, heads) if heads else data).clone())

@@ -189,9 +189,8 @@ def _weights(checkpoint, target: str):
     def weight(name: str):
         if int8_weight is not None and (stored := int8_weight(name)) is not None:
             return stored
-        if packed is not None and (stored := packed(name, linears_only=False)) is not None and \
-                stored.format.name in NBITS_TYPES:
-            return stored
+        if packed is not None and checkpoint.tensor_format(name).name in NBITS_TYPES:  # block types: matrices only
+            return packed(name)
         tensor = checkpoint.tensor(name)
         if (fmt := formats.get(name)) is not None:
             if fmt.name == "q6_k":  # llama.cpp's output type; MatMulNBits has no 6-bit form, so 8 bits

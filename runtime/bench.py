@@ -114,9 +114,9 @@ def weight_bytes_per_token(model: nn.Module) -> int:
     total = weight_bytes(model)
     if isinstance(model, OnnxDecoder):  # its files' size, the whole embedding table included
         return total
-    embedding = model.embed_tokens.weight
-    if model.lm_head is not None:  # an untied embedding table is only read one row per token
-        total -= embedding.numel() * embedding.element_size()
+    if not model.config.tie_word_embeddings:  # an untied embedding table is only read one row per token
+        embedding = model.embed_tokens
+        total -= sum(t.numel() * t.element_size() for t in list(embedding.parameters()) + list(embedding.buffers()))
     return total
 
 
@@ -135,10 +135,12 @@ def measure_bandwidth(device: torch.device, megabytes: int = 256, repeats: int =
 
 
 def run_bench(model: nn.Module, *, prompt_tokens: int = 512, new_tokens: int = 128,
-              kv_options: dict | None = None) -> BenchResult:
+              kv_options: dict | None = None, bandwidth: bool = True) -> BenchResult:
     """Time one prefill of `prompt_tokens` and `new_tokens` greedy decode steps, batch 1.
 
     kv_options: k_type / v_type / kv_rotation of the KV cache (see runtime.cache.new_kv_cache).
+    bandwidth: measure the copy bandwidth too (0 without: it allocates 512 MiB, which a caller measuring resident
+    memory may not want).
     """
     kv_options = dict(kv_options or {})
     if "kv_rotation" in kv_options:
@@ -155,7 +157,7 @@ def run_bench(model: nn.Module, *, prompt_tokens: int = 512, new_tokens: int = 1
     return BenchResult(
         device=str(device), prompt_tokens=prompt_tokens, new_tokens=new_tokens,
         prefill_tokens_per_s=prompt_tokens / prefill_s, decode_tokens_per_s=new_tokens / decode_s,
-        weight_bytes=weight_bytes_per_token(model), bandwidth_gb_per_s=measure_bandwidth(device),
+        weight_bytes=weight_bytes_per_token(model), bandwidth_gb_per_s=measure_bandwidth(device) if bandwidth else 0.0,
         peak_memory_bytes=peak, kv_bytes=kv_bytes,
     )
 

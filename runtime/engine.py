@@ -21,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,8 +37,11 @@ from kilnlm.runtime.config import ModelConfig
 from kilnlm.runtime.generate import GenerationParams, GenerationStats, Generator
 from kilnlm.runtime.grammar import Grammar, GrammarVocabulary, TokenConstraint
 from kilnlm.runtime.models import build_model, model_class
+from kilnlm.runtime.models.quantized_linear import keeps_packed
+from kilnlm.kernels.cpu import CpuOptions
 from kilnlm.runtime.onnx_decoder import is_onnx_folder, load_onnx_folder
 from kilnlm.runtime.sampling import SamplingParams
+from kilnlm.runtime.threads import physical_cores, torch_threads
 from kilnlm.runtime.tokenizer import Tokenizer
 
 DEFAULT_CONTEXT = 4096
@@ -79,8 +84,10 @@ class Engine:
         source: str = "",
         kv_options: dict | None = None,
         parallel: int = 1,
+        threads: int | None = None,
     ):
         self.model = model
+        self.threads = threads  # torch's intra-op threads during this engine's generations (None: leave torch's)
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.chat_template = chat_template or ChatTemplate(
@@ -116,13 +123,22 @@ class Engine:
         kv_rotation: bool = True,
         paged_kv: bool = False,
         parallel: int = 1,
+        threads: int | None = None,
+        cpu_activations: str = "i16",
         on_progress: Callable[[int, int], bool | None] | None = None,
     ) -> Engine:
         """Load an HF checkpoint folder, a GGUF file or an ONNX folder (`kiln export`'s, or onnxruntime-genai's
         builder's) onto `device` in `dtype` ('auto', 'float32', 'bf16', ...; an ONNX graph keeps its own).
 
-        `packed_weights` keeps a GGUF file's Q4_0/Q4_1/Q8_0 block linears packed and multiplies through
-        them (the default on CUDA, where the Triton kernels run); otherwise they are dequantised at load.
+        `packed_weights` (the default for GGUF files) keeps the file's weights packed and multiplies through
+        them: on CUDA the block linears (Triton kernels), on the CPU every F16/BF16 and block matrix up to Q6_K with
+        the embedding and output (C kernels built at first use, runtime.models.quantized_linear); False dequantises
+        them at load. `threads` (default: the physical cores) is what the CPU kernels use; given explicitly it is
+        also torch's intra-op thread count while this engine generates (torch's setting is process-wide: it is set
+        when a generation starts and restored when it ends). `cpu_activations` is how decode multiplies block formats
+        on the CPU (kernels.cpu.CpuOptions): 'i16' (default) quantises a matmul's input per 32 values to int16
+        (outputs within ~2e-5 of float32's, 2-3x faster), 'i8' to int8 as llama.cpp does, 'f32' keeps the
+        dequantised model's float32 products.
         `kv_type` sets the KV cache's element type for keys and values ('f16', 'bf16', 'f32', 'q8_0', 'q4_0';
         None: the model's dtype), `k_type` / `v_type` each side (as llama.cpp's --cache-type-k / -v);
         `kv_rotation` Hadamard-rotates quantized keys and values (on by default). `paged_kv` keeps the cache in
@@ -148,8 +164,10 @@ class Engine:
         checkpoint = open_checkpoint(path, allow_pickle=allow_pickle)
         tokenizer = checkpoint.tokenizer()
         config = checkpoint.config
-        packed = device.type == "cuda" if packed_weights is None else packed_weights
-        source_tensors = checkpoint.tensors(packed=True) if packed and hasattr(checkpoint, "packed") else checkpoint.tensors()
+        packed = packed_weights is not False and hasattr(checkpoint, "packed")
+        source_tensors = checkpoint.tensors(packed=partial(keeps_packed, device)) if packed else checkpoint.tensors()
+        if packed and device.type == "cpu":
+            _check_cpu_kernels()
         tensors = tqdm(
             _reporting(source_tensors, checkpoint.num_tensors(), on_progress, str(path)),
             total=checkpoint.num_tensors() or None,
@@ -168,10 +186,11 @@ class Engine:
         if parallel > 1 and set(config.layer_kinds()) != {"attention"}:
             raise KilnError(f"{path}: parallel generation batches attention models over the paged cache; "
                             f"{config.architecture} has recurrent layers, so use parallel=1")
-        model = build_model(config, tensors, device=device, dtype=model_dtype, source=str(path))
+        cpu = CpuOptions(threads or physical_cores(), cpu_activations)
+        model = build_model(config, tensors, device=device, dtype=model_dtype, source=str(path), cpu=cpu)
         _use_int8_linears(model, checkpoint)
         return cls(model, tokenizer, context_length=_context_length(config, context_length), source=str(path),
-                   kv_options=kv_options, parallel=parallel)
+                   kv_options=kv_options, parallel=parallel, threads=threads)
 
     @classmethod
     def plan(
@@ -200,7 +219,7 @@ class Engine:
         no_gpu = device.type == "cuda" and not torch.cuda.is_available()
         model_dtype = torch.bfloat16 if no_gpu and dtype == "auto" else resolve_dtype(dtype, torch.device("cpu")
                                                                                       if no_gpu else device)
-        packed = device.type == "cuda" if packed_weights is None else packed_weights
+        packed = packed_weights is not False
         return _plan(open_checkpoint(Path(path)), str(path), device, model_dtype, context_length, parallel, packed,
                      free_bytes, k_type or kv_type, v_type or kv_type)
 
@@ -367,7 +386,8 @@ class Engine:
                 self._running = cancel
                 generator = Generator(self.model, self.tokenizer, self.cache, cancel=cancel)
                 try:
-                    yield from generator.stream(ids, params, constraint)
+                    with torch_threads(self.threads):
+                        yield from generator.stream(ids, params, constraint)
                 finally:
                     self._running = None
                     stats = self.last_stats = generator.stats
@@ -403,7 +423,7 @@ def _plan(checkpoint, source: str, device: torch.device, dtype: torch.dtype, con
     from kilnlm.runtime.plan import checkpoint_weight_bytes, fit_context, make_plan
 
     config = checkpoint.config
-    weights = checkpoint_weight_bytes(checkpoint, dtype, packed)
+    weights = checkpoint_weight_bytes(checkpoint, dtype, device if packed else None)
     if free_bytes is None and device.type == "cuda" and torch.cuda.is_available():
         free_bytes = torch.cuda.mem_get_info(device)[0]
     kv = {"k_type": k_type, "v_type": v_type}
@@ -473,3 +493,13 @@ def _device(name: str | torch.device) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KilnError("device 'cuda' was asked for but this torch build sees no CUDA GPU; use --device cpu")
     return device
+
+
+def _check_cpu_kernels() -> None:
+    """Build the CPU kernels now (not at the first token) and say so when only the slow pure-torch path can run."""
+    from kilnlm.kernels.cpu import kernel_status
+
+    status = kernel_status()
+    if not status.compiled:
+        warnings.warn(f"packed weights run through the pure-torch path on the CPU, several times slower: {status.detail}",
+                      RuntimeWarning, stacklevel=3)

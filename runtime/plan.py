@@ -9,6 +9,8 @@ weights do not fit, naming the sizes and the options that would help. The free-m
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass
 
 import torch
@@ -163,14 +165,19 @@ def fit_context(config: ModelConfig, weights: int, *, device: torch.device, dtyp
                      v_type=v_type, free=free)
 
 
-def checkpoint_weight_bytes(checkpoint, dtype: torch.dtype, packed: bool) -> int:
-    """Bytes the model's weights take once loaded: block formats as stored when kept packed, else `dtype`."""
+def checkpoint_weight_bytes(checkpoint, dtype: torch.dtype, packed_on: torch.device | None) -> int:
+    """Bytes the model's weights take once loaded: matrices the runtime on `packed_on` keeps packed at their packed
+    size (runtime.models.quantized_linear.keeps_packed), the rest in `dtype`."""
     from kilnlm.runtime.models import expected_shapes
+    from kilnlm.runtime.models.quantized_linear import keeps_packed, packed_bytes
 
     element = torch.finfo(dtype).bits // 8
-    stored_bytes = getattr(checkpoint, "stored_bytes", None)  # GGUF checkpoints know their stored sizes
+    stored_format = getattr(checkpoint, "tensor_format", None)  # GGUF checkpoints know their stored formats
     total = 0
     for name, shape in expected_shapes(checkpoint.config).items():
-        stored = stored_bytes(name) if packed and stored_bytes is not None else None
-        total += stored if stored is not None else int(torch.tensor(shape).prod()) * element
+        fmt = stored_format(name) if packed_on is not None and stored_format is not None else None
+        if fmt is not None and keeps_packed(packed_on, name, fmt, shape):
+            total += packed_bytes(packed_on, fmt, shape)
+        else:
+            total += math.prod(shape) * element
     return total

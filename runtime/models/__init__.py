@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from kilnlm.errors import CheckpointError
+from kilnlm.kernels.cpu import CpuOptions
+from kilnlm.runtime.models.quantized_linear import fuse_linears
 from kilnlm.quant.formats import QuantizedTensor
 from kilnlm.runtime.config import ModelConfig
 from kilnlm.runtime.models.granite_hybrid import GraniteHybridModel
@@ -46,8 +48,12 @@ def build_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     source: str = "checkpoint",
+    cpu: CpuOptions = CpuOptions(),
 ) -> nn.Module:
-    """Instantiate the model for `config` and fill it from (name, tensor) pairs, one tensor in memory at a time."""
+    """Instantiate the model for `config` and fill it from (name, tensor) pairs, one tensor in memory at a time.
+
+    QuantizedTensor values stay packed (runtime.models.quantized_linear): linears as QuantizedLinear, and on the
+    CPU the token embedding as QuantizedEmbedding (a tied LM head then shares its bytes), multiplying as `cpu` says."""
     with torch.device("meta"):
         model = MODEL_CLASSES[config.architecture](config)
     params = dict(model.named_parameters())
@@ -56,7 +62,7 @@ def build_model(
         if name not in params:
             continue  # e.g. rotary inv_freq buffers that some exporters save
         if isinstance(tensor, QuantizedTensor):
-            _use_quantized_linear(model, name, tensor, torch.device(device))
+            _use_quantized(model, name, tensor, torch.device(device), dtype, cpu)
             loaded.add(name)
             continue
         if tuple(tensor.shape) != tuple(params[name].shape):
@@ -71,22 +77,37 @@ def build_model(
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"{source}: missing tensors {shown}")
     model.prepare(torch.device(device))
+    fuse_linears(model)  # CPU-packed linears that share an input become one matmul (no-op elsewhere)
     return model.eval()
 
 
-def _use_quantized_linear(model: nn.Module, name: str, weight: QuantizedTensor, device: torch.device) -> None:
-    """Replace the nn.Linear owning `name` by a QuantizedLinear (its bias, if any, is loaded separately)."""
-    from kilnlm.runtime.models.quantized_linear import QuantizedLinear
+def _use_quantized(model: nn.Module, name: str, weight: QuantizedTensor, device: torch.device, dtype: torch.dtype,
+                   cpu: CpuOptions) -> None:
+    """Replace the nn.Linear (or, on the CPU, nn.Embedding) owning `name` by its packed form; a linear's bias, if
+    any, is loaded separately."""
+    from kilnlm.runtime.models.quantized_linear import QuantizedEmbedding, QuantizedLinear, cpu_matrix
 
-    owner_name, _, linear_name = name.removesuffix(".weight").rpartition(".")
-    owner = model.get_submodule(owner_name)
-    linear = getattr(owner, linear_name)
-    if tuple(weight.shape) != (linear.out_features, linear.in_features):
-        raise CheckpointError(f"tensor {name!r} has shape {weight.shape}, expected "
-                              f"{(linear.out_features, linear.in_features)} from the model config")
-    quantized = QuantizedLinear.from_quantized(weight, device)
-    quantized.bias = linear.bias  # still on meta here; a bias tensor later in the stream replaces it
-    setattr(owner, linear_name, quantized)
+    owner_name, _, module_name = name.removesuffix(".weight").rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    module = getattr(owner, module_name)
+    if isinstance(module, nn.Embedding) and device.type == "cpu":
+        expected = (module.num_embeddings, module.embedding_dim)
+    elif isinstance(module, nn.Linear):
+        expected = (module.out_features, module.in_features)
+    else:
+        raise CheckpointError(f"tensor {name!r} is stored packed but {type(module).__name__} cannot use it packed "
+                              f"on {device}")
+    if tuple(weight.shape) != expected:
+        raise CheckpointError(f"tensor {name!r} has shape {weight.shape}, expected {expected} from the model config")
+    if isinstance(module, nn.Embedding):
+        embedding = QuantizedEmbedding(cpu_matrix(weight), dtype, cpu)
+        setattr(owner, module_name, embedding)
+        if getattr(model, "lm_head", False) is None:  # tied: the output projection reads the same bytes
+            model.lm_head = embedding.as_linear()
+        return
+    quantized = QuantizedLinear.from_quantized(weight, device, cpu=cpu)
+    quantized.bias = module.bias  # still on meta here; a bias tensor later in the stream replaces it
+    setattr(owner, module_name, quantized)
 
 
 def _assign(model: nn.Module, name: str, value: nn.Parameter) -> None:

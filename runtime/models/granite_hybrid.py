@@ -73,5 +73,5 @@ class GraniteHybridModel(LlamaModel):
 
             raise CacheTypeError("the paged KV cache does not hold recurrent state yet; load this hybrid model "
                                  "without paged_kv")
-        weight = self.embed_tokens.weight
+        weight = self.norm.weight  # the model dtype and device (the embedding may be packed)
         return new_kv_cache(self.config, capacity, batch=batch, dtype=weight.dtype, device=weight.device, **kv_options)

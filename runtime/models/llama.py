@@ -155,14 +155,16 @@ class LlamaModel(nn.Module):
         if last_logits_only:
             x = x[:, -1:]
         x = self.norm(x)
-        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = torch.nn.functional.linear(x, head).float()
+        if self.lm_head is not None:  # its own matrix, or a packed embedding's bytes (runtime.models.build_model)
+            logits = self.lm_head(x).float()
+        else:
+            logits = torch.nn.functional.linear(x, self.embed_tokens.weight).float()
         return logits / self.config.logits_scaling if self.config.logits_scaling != 1.0 else logits
 
     def new_cache(self, capacity: int, batch: int = 1, *, paged: bool = False, **kv_options) -> Cache:
         """A KV cache for up to `capacity` positions on the model's device: dense per-layer stores (kv_options:
         see new_kv_cache), or with `paged` one sequence's view of a page pool (see new_paged_cache)."""
-        weight = self.embed_tokens.weight
+        weight = self.norm.weight  # the model dtype and device (the embedding may be packed)
         if paged:
             if batch != 1:
                 raise ValueError("a paged cache holds one sequence; make one per sequence over a shared pool")

@@ -189,8 +189,9 @@ class MambaModel(nn.Module):
         if last_logits_only:
             x = x[:, -1:]
         x = self.norm(x.to(self.norm.weight.dtype))
-        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head).float()
+        if self.lm_head is not None:  # its own matrix, or a packed embedding's bytes (runtime.models.build_model)
+            return self.lm_head(x).float()
+        return F.linear(x, self.embed_tokens.weight).float()
 
     def new_cache(self, capacity: int, batch: int = 1, *, paged: bool = False, **kv_options) -> LayerCache:
         """The recurrent state of every layer for `batch` sequences of up to `capacity` tokens.
@@ -200,5 +201,5 @@ class MambaModel(nn.Module):
         if paged:
             raise CacheTypeError(f"{self.config.architecture} has no attention layers to page; its cache is the "
                                  "float32 recurrent state")
-        weight = self.embed_tokens.weight
+        weight = self.norm.weight  # the model dtype and device (the embedding may be packed)
         return new_kv_cache(self.config, capacity, batch=batch, dtype=weight.dtype, device=weight.device, **kv_options)
