@@ -158,8 +158,8 @@ def run_isolated(runtime: str, path: Path, args) -> dict | None:
 
 
 def print_table(rows: list[tuple[Path, dict, dict | None]]) -> None:
-    print(f"| file | MiB | kilnlm decode tok/s | llama.cpp | ratio | roofline share | kilnlm prefill tok/s | "
-          f"llama.cpp | ratio | kilnlm RSS base / load / run MiB | llama.cpp RSS base / load / run MiB |")
+    print("| file | MiB | kilnlm decode tok/s | llama.cpp | ratio | roofline share | kilnlm prefill tok/s | "
+          "llama.cpp | ratio | kilnlm RSS base / load / run MiB | llama.cpp RSS base / load / run MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for path, ours, peer in rows:
         size = path.stat().st_size / 2**20
@@ -176,10 +176,7 @@ def print_table(rows: list[tuple[Path, dict, dict | None]]) -> None:
 
 def kernel_alternatives(threads: int) -> None:
     """One 155M layer's matmul shapes at M = 1 through each CPU path that could hold packed weights."""
-    from kilnlm.kernels.cpu import ggml_matmul, kernel_status
-    from kilnlm.quant.formats import get_format
-    from kilnlm.runtime.models.quantized_linear import cpu_matrix
-    from kilnlm.quant.formats import QuantizedTensor
+    from kilnlm.kernels.cpu import kernel_status
 
     torch.set_num_threads(threads)
     print(f"C kernels: {kernel_status().detail}")
@@ -195,29 +192,42 @@ def kernel_alternatives(threads: int) -> None:
     print("| N x K | path | µs | weight bytes | GB/s |")
     print("|---|---|---:|---:|---:|")
     for n, k in ((2816, 1024), (1024, 2816), (32000, 1024)):
-        weight, x = torch.randn(n, k) * 0.02, torch.randn(1, k)
-        rows = [("torch fp32 F.linear (dequantised copy)", lambda: torch.nn.functional.linear(x, weight), 4 * n * k)]
-        half, xh = weight.half(), x.half()
-        rows.append(("torch fp16 F.linear (fp16 activations)", lambda: torch.nn.functional.linear(xh, half), 2 * n * k))
-        codes, scales, xb = torch.randint(-127, 127, (n, k), dtype=torch.int8), torch.rand(n), x.bfloat16()
-        rows.append(("torch _weight_int8pack_mm, bf16 x (one scale per row: not Q8_0)",
-                     lambda: torch.ops.aten._weight_int8pack_mm(xb, codes, scales.bfloat16()), n * k))
-        rows.append(("torch _weight_int8pack_mm, fp32 x", lambda: torch.ops.aten._weight_int8pack_mm(x, codes, scales),
-                     n * k))
-        if hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32), 1)
-            sz_bf16, sz_f32 = torch.rand(k // 32, n, 2).bfloat16(), torch.rand(k // 32, n, 2)
-            rows.append(("torch _weight_int4pack_mm_for_cpu, bf16 x and bf16 scales (rounds Q4_0's fp16 d)",
-                         lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, 32, sz_bf16), n * k // 2))
-            rows.append(("torch _weight_int4pack_mm_for_cpu, fp32 x",
-                         lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, sz_f32), n * k // 2))
-        for name in ("f16", "q8_0", "q4_0", "q4_k", "q6_k"):
-            matrix = cpu_matrix(QuantizedTensor.from_float(weight, get_format(name)))
-            rows.append((f"kilnlm C kernel, {name}, fp32 x", lambda m=matrix: ggml_matmul(x, m, threads), matrix.nbytes))
-        for label, fn, nbytes in rows:
+        for label, fn, nbytes in _alternatives(n, k, threads):
             micros = timed(fn)
             print(f"| {n} x {k} | {label} | {micros:.0f} | {nbytes / 2**20:.1f} MiB | {nbytes / micros / 1e3:.1f} |",
                   flush=True)
+
+
+def _alternatives(n: int, k: int, threads: int) -> list[tuple[str, object, int]]:
+    """(label, call, weight bytes) for an n x k weight at M = 1: torch's dense and packed CPU ops, then kilnlm's."""
+    from functools import partial
+
+    from kilnlm.kernels.cpu import ACTIVATIONS, CpuOptions, ggml_matmul
+    from kilnlm.quant.formats import QuantizedTensor, get_format
+    from kilnlm.runtime.models.quantized_linear import cpu_matrix
+
+    aten, linear = torch.ops.aten, torch.nn.functional.linear
+    weight, x = torch.randn(n, k) * 0.02, torch.randn(1, k)
+    codes, scales = torch.randint(-127, 127, (n, k), dtype=torch.int8), torch.rand(n)
+    rows = [("torch fp32 F.linear (dequantised copy)", partial(linear, x, weight), 4 * n * k),
+            ("torch fp16 F.linear (fp16 activations)", partial(linear, x.half(), weight.half()), 2 * n * k),
+            ("torch _weight_int8pack_mm, bf16 x (one scale per row: not Q8_0)",
+             partial(aten._weight_int8pack_mm, x.bfloat16(), codes, scales.bfloat16()), n * k),
+            ("torch _weight_int8pack_mm, fp32 x", partial(aten._weight_int8pack_mm, x, codes, scales), n * k)]
+    if hasattr(aten, "_convert_weight_to_int4pack_for_cpu"):
+        packed = aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32), 1)
+        rows.append(("torch _weight_int4pack_mm_for_cpu, bf16 x and bf16 scales (rounds Q4_0's fp16 d)",
+                     partial(aten._weight_int4pack_mm_for_cpu, x.bfloat16(), packed, 32,
+                             torch.rand(k // 32, n, 2).bfloat16()), n * k // 2))
+        rows.append(("torch _weight_int4pack_mm_for_cpu, fp32 x",
+                     partial(aten._weight_int4pack_mm_for_cpu, x, packed, 32, torch.rand(k // 32, n, 2)), n * k // 2))
+    for name in ("f16", "q8_0", "q4_0", "q4_k", "q6_k"):
+        matrix = cpu_matrix(QuantizedTensor.from_float(weight, get_format(name)))
+        for activations in ACTIVATIONS:
+            options = CpuOptions(threads=threads, activations=activations)
+            rows.append((f"kilnlm C kernel, {name}, {activations} activations", partial(ggml_matmul, x, matrix, options),
+                         matrix.nbytes))
+    return rows
 
 
 def main() -> None:

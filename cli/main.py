@@ -366,6 +366,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from kilnlm.runtime import bench
     from kilnlm.runtime.engine import _device, resolve_dtype
+    from kilnlm.runtime.threads import torch_threads
 
     if args.dry_run:  # the harness on a tiny model of the same family, anywhere, in seconds; figures mean nothing
         args.shape = "tiny-mamba" if args.shape.startswith("mamba") else "tiny"
@@ -374,13 +375,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.ctx <= args.new_tokens:
             raise KilnError(f"--ctx {args.ctx} leaves no room for a prompt before {args.new_tokens} new tokens")
         args.prompt_tokens = args.ctx - args.new_tokens
+    threads = None  # a loaded file's engine decides (--threads); a synthetic model runs on torch's threads
     if args.model:
-        model = _load(args, args.model).model
+        engine = _load(args, args.model)
+        model, threads = engine.model, engine.threads
     else:
         device = _device(args.device)
         model = bench.synthetic_model(bench.synthetic_config(args.shape), device, resolve_dtype(args.dtype, device))
-    result = bench.run_bench(model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                             kv_options=_cache_kwargs(args))
+    with torch_threads(threads):
+        result = bench.run_bench(model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                                 kv_options=_cache_kwargs(args))
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
         return 0
