@@ -1,7 +1,8 @@
 """Compute kernels, each beside its pure-torch reference, and the one place that picks between them.
 
-On a CUDA tensor the Triton kernel runs; anywhere else the reference does. Nothing else in the codebase
-chooses a kernel. There is no silent fallback: a CUDA tensor without triton installed raises.
+On a CUDA tensor the Triton kernel runs; on the CPU the compiled C kernels (kernels.cpu) run where they take the
+tensors (float32 RMSNorm and RoPE, decode attention, packed weights), else the reference. Nothing else in the
+codebase chooses a kernel. There is no silent fallback: a CUDA tensor without triton installed raises.
 """
 
 from __future__ import annotations
@@ -31,20 +32,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         from kilnlm.kernels.norm import rms_norm_triton
 
         return rms_norm_triton(x.contiguous(), weight, eps)
-    return rms_norm_ref(x, weight, eps)
+    from kilnlm.kernels import cpu
+
+    out = cpu.rms_norm(x, weight, eps, torch.get_num_threads())
+    return out if out is not None else rms_norm_ref(x, weight, eps)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None) -> torch.Tensor:
-    """Causal (optionally sliding-window) GQA attention; the T queries are the last T of the S key positions."""
-    if q.is_cuda:
-        return attention_triton(q, k, v, window)
-    if q.shape[2] == 1:  # a decode step: the compiled CPU kernel when it takes these tensors, on torch's threads
-        from kilnlm.kernels.cpu import decode_attention
+    """Causal (optionally sliding-window) GQA attention; the T queries are the last T of the S key positions.
+    k and v may be stored in another float dtype than q (a float16 cache of a float32 model): they count as q's."""
+    if q.shape[2] == 1 and not q.is_cuda:  # a CPU decode step: the compiled kernel reads k, v as stored
+        from kilnlm.kernels import cpu
 
-        out = decode_attention(q, k, v, window, torch.get_num_threads())
+        out = cpu.decode_attention(q, k, v, window, torch.get_num_threads())
         if out is not None:
             return out
-    return attention_ref(q, k, v, window)
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    return attention_triton(q, k, v, window) if q.is_cuda else attention_ref(q, k, v, window)
 
 
 def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
@@ -78,7 +82,9 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
 
         # The Triton kernel rotates in place, so give it fresh contiguous copies of the projection views.
         return apply_rotary_triton(q.contiguous(), k.contiguous(), cos, sin)
-    return apply_rotary_ref(q, k, cos, sin)
+    from kilnlm.kernels import cpu
+
+    return cpu.apply_rotary(q, k, cos, sin) or apply_rotary_ref(q, k, cos, sin)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -1,14 +1,15 @@
-/* y = x · Wᵀ on the CPU with W in ggml's own block layout (the GGUF file's bytes), and row gathers from it.
+/* y = x · Wᵀ on the CPU with W in ggml's own block layout (the GGUF file's bytes), row gathers from it, decode
+ * attention over a float cache, and a whole Llama-family decode step built from those.
  *
  * Built at first use by kernels/cpu.py with the user's C compiler (-O3 -march=native, OpenMP when the
- * compiler has it); no intrinsics, so the same source vectorises for AVX2, AVX-512 and NEON. Each block is
- * dequantised into float32 in L1 and multiplied with fp32 activations: the products are the ones the
- * dequantised path computes (the same float32 weights), only summed in another order, and the memory read per
- * weight is the file's (0.5625 bytes for Q4_0 against 4 for a float32 copy).
+ * compiler has it). The float32 path uses GCC / clang vector extensions only, so the same source vectorises
+ * for AVX2, AVX-512 and NEON: each block is dequantised into float32 in L1 and multiplied with fp32
+ * activations, so the products are the ones the dequantised path computes (the same float32 weights), only
+ * summed in another order, and the memory read per weight is the file's (0.5625 bytes for Q4_0 against 4 for a
+ * float32 copy). On x86 with AVX2 the integer-activation path (intrinsics, below) does llama.cpp's trick.
  *
  * Block layouts restate ggml's (ggml-common.h, dequantize_row_*): the tests pin every type bit for bit to
- * kilnlm's format registry, which is itself checked against ggml's bytes.
- */
+ * kilnlm's format registry, which is itself checked against ggml's bytes. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -205,8 +206,9 @@ static inline void group_q6_k(const uint8_t *b, int g, v16f *w) { /* ql[128], qh
 
 /* ------------------------------------------------------------------ per-type row kernels (dequant inlined) */
 
-/* y[m, n] = sum_k x[m, k] * W[n, k] for rows n0 <= n < n1 and all m < M. */
-#define DEFINE_TYPE(name, QK, BYTES)                                                                          \
+/* y[m, n] = sum_k x[m, k] * W[n, k] for rows n0 <= n < n1 and all m < M. ELEM(row, k) reads one weight of a float
+ * type, whose rows may end in a part of a group (K % 32 != 0: the demo model's 688 columns); block types have none. */
+#define DEFINE_TYPE(name, QK, BYTES, ELEM)                                                                          \
     static void matmul_##name(const uint8_t *w, int64_t row_bytes, int64_t K, const float *x, int64_t M,    \
                               float *y, int64_t N, int64_t n0, int64_t n1) {                                \
         const int64_t blocks = K / QK;                                                                      \
@@ -224,6 +226,7 @@ static inline void group_q6_k(const uint8_t *b, int g, v16f *w) { /* ql[128], qh
                 acc0 += acc1;                                                                               \
                 float sum = 0.0f;                                                                           \
                 for (int l = 0; l < 16; l++) sum += acc0[l];                                                \
+                for (int64_t k = blocks * QK; k < K; k++) sum += ELEM(row, k) * x[k];                       \
                 y[n] = sum;                                                                                 \
             }                                                                                               \
             return;                                                                                         \
@@ -246,6 +249,7 @@ static inline void group_q6_k(const uint8_t *b, int g, v16f *w) { /* ql[128], qh
                 for (int r = 0; r < rows; r++) {                                                            \
                     float sum = 0.0f;                                                                       \
                     for (int l = 0; l < 16; l++) sum += acc[r][l];                                          \
+                    for (int64_t k = blocks * QK; k < K; k++) sum += ELEM(row, k) * x[(m0 + r) * K + k];   \
                     y[(m0 + r) * N + n] = sum;                                                              \
                 }                                                                                           \
             }                                                                                               \
@@ -261,20 +265,31 @@ static inline void group_q6_k(const uint8_t *b, int g, v16f *w) { /* ql[128], qh
                     group_##name(row + b * BYTES, g, wv);                                                   \
                     memcpy(out + r * K + b * QK + 32 * g, wv, sizeof wv);                                   \
                 }                                                                                           \
+            for (int64_t k = K / QK * QK; k < K; k++) out[r * K + k] = ELEM(row, k);                        \
         }                                                                                                   \
     }
 
-DEFINE_TYPE(f32, 32, 128)
-DEFINE_TYPE(f16, 32, 64)
-DEFINE_TYPE(bf16, 32, 64)
-DEFINE_TYPE(q4_0, 32, 18)
-DEFINE_TYPE(q4_1, 32, 20)
-DEFINE_TYPE(q5_0, 32, 22)
-DEFINE_TYPE(q5_1, 32, 24)
-DEFINE_TYPE(q8_0, 32, 34)
-DEFINE_TYPE(q4_k, 256, 144)
-DEFINE_TYPE(q5_k, 256, 176)
-DEFINE_TYPE(q6_k, 256, 210)
+static inline float elem_f32(const uint8_t *row, int64_t k) { float v; memcpy(&v, row + 4 * k, 4); return v; }
+static inline float elem_f16(const uint8_t *row, int64_t k) { return read_fp16(row + 2 * k); }
+static inline float elem_bf16(const uint8_t *row, int64_t k) {
+    const uint32_t bits = (uint32_t)read_u16(row + 2 * k) << 16;
+    float v;
+    memcpy(&v, &bits, 4);
+    return v;
+}
+static inline float no_elem(const uint8_t *row, int64_t k) { (void)row; (void)k; return 0.0f; } /* whole blocks */
+
+DEFINE_TYPE(f32, 32, 128, elem_f32)
+DEFINE_TYPE(f16, 32, 64, elem_f16)
+DEFINE_TYPE(bf16, 32, 64, elem_bf16)
+DEFINE_TYPE(q4_0, 32, 18, no_elem)
+DEFINE_TYPE(q4_1, 32, 20, no_elem)
+DEFINE_TYPE(q5_0, 32, 22, no_elem)
+DEFINE_TYPE(q5_1, 32, 24, no_elem)
+DEFINE_TYPE(q8_0, 32, 34, no_elem)
+DEFINE_TYPE(q4_k, 256, 144, no_elem)
+DEFINE_TYPE(q5_k, 256, 176, no_elem)
+DEFINE_TYPE(q6_k, 256, 210, no_elem)
 
 /* ------------------------------ integer activations (llama.cpp's way, or finer), x86 with AVX2 and FMA only */
 
@@ -528,6 +543,8 @@ static const kernel_t KERNELS[] = {
     {Q6_K, 256, 210, matmul_q6_k, rows_q6_k, INT(q6_k)},
 };
 
+static int is_float(int type) { return type == F32 || type == F16 || type == BF16; } /* rows of any length */
+
 static const kernel_t *find(int type) {
     for (size_t i = 0; i < sizeof KERNELS / sizeof KERNELS[0]; i++)
         if (KERNELS[i].type == type) return &KERNELS[i];
@@ -579,7 +596,7 @@ int kiln_has_integer_path(int type) {
 int kiln_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K, const float *x, int64_t M,
                 float *y, int threads, int activation_bits) {
     const kernel_t *k = find(type);
-    if (!k || K % k->block) return -1;
+    if (!k || (K % k->block && !is_float(type))) return -1;
     if (threads < 1) threads = 1;
     if (N < 64 * threads) threads = 1; /* a thread team costs more than tiny matrices */
     q_rows xq = {0, 0, 0};
@@ -612,7 +629,7 @@ int kiln_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t N, int64_
 int kiln_dequant_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t K, const int64_t *index, int64_t R,
                       float *out, int threads) {
     const kernel_t *k = find(type);
-    if (!k || K % k->block) return -1;
+    if (!k || (K % k->block && !is_float(type))) return -1;
     if (threads < 1) threads = 1;
     if (R < 4 * threads) threads = 1;
 #ifdef _OPENMP
@@ -628,22 +645,23 @@ int kiln_dequant_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t K, 
 
 /* --------------------------------------------------------------------------------------- decode attention */
 
-static inline float dot_f32(const float *a, const float *b, int64_t n) {
-    int64_t i = 0;
-    float sum = 0.0f;
-#if defined(__AVX2__) && defined(__FMA__)
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    for (; i + 16 <= n; i += 16) {
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+/* 16 consecutive elements of a float32, float16 or bfloat16 row, as float32 (`type` is a constant where inlined) */
+static inline __attribute__((always_inline)) v16f load_row16(const uint8_t *row, int type, int64_t i) {
+    if (type == F16) return halves_to_float(row + 2 * i);
+    if (type == BF16) {
+        v16h h;
+        memcpy(&h, row + 2 * i, 32);
+        v16u bits = __builtin_convertvector(h, v16u) << 16;
+        v16f out;
+        memcpy(&out, &bits, 64);
+        return out;
     }
-    sum = hsum_ps(_mm256_add_ps(acc0, acc1));
-#else
-    v16f acc = {0};
-    for (; i + 16 <= n; i += 16) acc += load_floats(a + i) * load_floats(b + i);
-    for (int l = 0; l < 16; l++) sum += acc[l];
-#endif
-    for (; i < n; i++) sum += a[i] * b[i];
+    return load_floats((const float *)row + i);
+}
+
+static inline float hsum16(v16f v) {
+    float sum = 0.0f;
+    for (int l = 0; l < 16; l++) sum += v[l];
     return sum;
 }
 
@@ -675,17 +693,60 @@ static inline v16f exp_neg(v16f x) {
 
 #define MAX_GROUP 16 /* query heads per kv head handled together (GQA); larger groups are split */
 
-/* One query per (sequence, head): out = softmax(q · kᵀ * scale) · v over keys first..S-1 (first = S - window, or 0).
- * q, out: (B, Hq, D) contiguous; k, v: (B, Hkv, ., D) float32 with row stride D and the given batch / head strides
- * (a cache's preallocated buffers); query head h reads kv head h / (Hq / Hkv), and the query heads of one kv head
- * go together so each key and value row is read once. -2 when scratch memory ran out, -1 for a bad shape. */
-int kiln_decode_attention(const float *q, const float *k, const float *v, float *out, int64_t B, int64_t Hq,
+/* One (sequence, kv head, group of query heads) task of kiln_decode_attention, for keys and values stored as
+ * `type` (inlined per type, so the loads are the type's own). */
+static inline __attribute__((always_inline)) void attend_group(const float *q, const uint8_t *kh, const uint8_t *vh,
+                                                               float *out, int type, int64_t heads, int64_t keys,
+                                                               int64_t padded, int64_t D, int64_t row_bytes,
+                                                               float *scores) {
+    const float scale = 1.0f / __builtin_sqrtf((float)D);
+    for (int64_t s = 0; s < keys; s++) {
+        const uint8_t *key = kh + s * row_bytes;
+        for (int64_t g = 0; g < heads; g++) {
+            v16f acc = {0};
+            for (int64_t d = 0; d < D; d += 16) acc += load_floats(q + g * D + d) * load_row16(key, type, d);
+            scores[g * padded + s] = hsum16(acc) * scale;
+        }
+    }
+    float inv_total[MAX_GROUP];
+    for (int64_t g = 0; g < heads; g++) {
+        float *row = scores + g * padded, top = -__builtin_inff();
+        for (int64_t s = 0; s < keys; s++) top = row[s] > top ? row[s] : top;
+        for (int64_t s = keys; s < padded; s++) row[s] = -__builtin_inff();
+        v16f sum = {0};
+        for (int64_t s = 0; s < padded; s += 16) {
+            const v16f e = exp_neg(load_floats(row + s) - top);
+            memcpy(row + s, &e, 64);
+            sum += e;
+        }
+        inv_total[g] = 1.0f / hsum16(sum);
+    }
+    for (int64_t g = 0; g < heads; g++) {
+        v16f acc[16] = {{0}};
+        const float *row = scores + g * padded;
+        for (int64_t s = 0; s < keys; s++) {
+            const v16f p = splat(row[s]);
+            for (int64_t d = 0; d < D / 16; d++) acc[d] += p * load_row16(vh + s * row_bytes, type, 16 * d);
+        }
+        for (int64_t d = 0; d < D / 16; d++) {
+            const v16f o = acc[d] * inv_total[g];
+            memcpy(out + g * D + 16 * d, &o, 64);
+        }
+    }
+}
+
+/* One query per (sequence, head): out = softmax(q · kᵀ / sqrt(D)) · v over keys first..S-1 (first = S - window,
+ * or 0). q, out: (B, Hq, D) float32 contiguous; k, v: (B, Hkv, ., D) of `type` (F32, F16 or BF16: a cache's own
+ * element type, read as stored) with contiguous rows and the given batch / head strides in elements (a cache's
+ * preallocated buffers); query head h reads kv head h / (Hq / Hkv), and the query heads of one kv head go
+ * together so each key and value row is read once. -2 when scratch memory ran out, -1 for a bad shape or type. */
+int kiln_decode_attention(const float *q, const void *k, const void *v, float *out, int type, int64_t B, int64_t Hq,
                           int64_t Hkv, int64_t S, int64_t D, int64_t kv_batch_stride, int64_t kv_head_stride,
                           int64_t window, int threads) {
     const int64_t first = window > 0 && window < S ? S - window : 0, keys = S - first, group = Hq / Hkv;
-    if (D % 16 || D > 256 || Hq % Hkv) return -1;
+    const int64_t elem = type == F32 ? 4 : 2;
+    if (D % 16 || D > 256 || Hq % Hkv || !(type == F32 || type == F16 || type == BF16)) return -1;
     const int64_t parts = (group + MAX_GROUP - 1) / MAX_GROUP, tasks = B * Hkv * parts;
-    const float scale = 1.0f / __builtin_sqrtf((float)D);
     const int64_t padded = (keys + 15) / 16 * 16;
     int failed = 0;
     if (threads < 1) threads = 1;
@@ -696,40 +757,212 @@ int kiln_decode_attention(const float *q, const float *k, const float *v, float 
     for (int64_t task = 0; task < tasks; task++) {
         const int64_t b = task / (Hkv * parts), kvh = task / parts % Hkv, g0 = task % parts * MAX_GROUP;
         const int64_t heads = group - g0 < MAX_GROUP ? group - g0 : MAX_GROUP, h0 = kvh * group + g0;
-        const float *kh = k + b * kv_batch_stride + kvh * kv_head_stride + first * D;
-        const float *vh = v + b * kv_batch_stride + kvh * kv_head_stride + first * D;
+        const int64_t offset = (b * kv_batch_stride + kvh * kv_head_stride + first * D) * elem;
+        const uint8_t *kh = (const uint8_t *)k + offset, *vh = (const uint8_t *)v + offset;
+        const float *qh = q + (b * Hq + h0) * D;
+        float *oh = out + (b * Hq + h0) * D;
         float *scores = malloc(sizeof(float) * (size_t)(heads * padded + 1));
         if (!scores) { failed = 1; continue; }
-        for (int64_t s = 0; s < keys; s++)
-            for (int64_t g = 0; g < heads; g++) scores[g * padded + s] = dot_f32(q + (b * Hq + h0 + g) * D, kh + s * D, D) * scale;
-        float inv_total[MAX_GROUP];
-        for (int64_t g = 0; g < heads; g++) {
-            float *row = scores + g * padded, top = -__builtin_inff(), total = 0.0f;
-            for (int64_t s = 0; s < keys; s++) top = row[s] > top ? row[s] : top;
-            for (int64_t s = keys; s < padded; s++) row[s] = -__builtin_inff();
-            v16f sum = {0};
-            for (int64_t s = 0; s < padded; s += 16) {
-                const v16f e = exp_neg(load_floats(row + s) - top);
-                memcpy(row + s, &e, 64);
-                sum += e;
-            }
-            for (int l = 0; l < 16; l++) total += sum[l];
-            inv_total[g] = 1.0f / total;
-        }
-        for (int64_t g = 0; g < heads; g++) {
-            v16f acc[16] = {{0}};
-            const float *row = scores + g * padded;
-            for (int64_t s = 0; s < keys; s++) {
-                const v16f p = splat(row[s]);
-                for (int64_t d = 0; d < D / 16; d++) acc[d] += p * load_floats(vh + s * D + 16 * d);
-            }
-            float *oh = out + (b * Hq + h0 + g) * D;
-            for (int64_t d = 0; d < D / 16; d++) {
-                const v16f o = acc[d] * inv_total[g];
-                memcpy(oh + 16 * d, &o, 64);
-            }
-        }
+        if (type == F16) attend_group(qh, kh, vh, oh, F16, heads, keys, padded, D, D * elem, scores);
+        else if (type == BF16) attend_group(qh, kh, vh, oh, BF16, heads, keys, padded, D, D * elem, scores);
+        else attend_group(qh, kh, vh, oh, F32, heads, keys, padded, D, D * elem, scores);
         free(scores);
     }
     return failed ? -2 : 0;
+}
+
+/* ------------------------------------------------------------------------------ RMSNorm and RoPE (float32) */
+
+/* out = w * (x * 1/sqrt(mean(x²) + eps)) per row of `dim`, HF Llama's order of operations in float32. */
+int kiln_rms_norm(const float *x, const float *w, float *out, int64_t rows, int64_t dim, float eps, int threads) {
+    if (rows * dim < (1 << 16)) threads = 1;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#endif
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * dim;
+        float *o = out + r * dim;
+        v16f acc = {0};
+        int64_t i = 0;
+        for (; i + 16 <= dim; i += 16) {
+            const v16f v = load_floats(xr + i);
+            acc += v * v;
+        }
+        float sum = hsum16(acc);
+        for (; i < dim; i++) sum += xr[i] * xr[i];
+        const float inv = 1.0f / __builtin_sqrtf(sum / (float)dim + eps);
+        for (i = 0; i < dim; i++) o[i] = w[i] * (xr[i] * inv);
+    }
+    return 0;
+}
+
+/* out (B, H, T, D) contiguous = x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[D/2:], x[:D/2]), for x with
+ * strides (sb, sh, st) and unit stride along D; cos / sin: T rows of D per sequence, table_batch_stride apart
+ * (0 when every sequence has the same positions). */
+int kiln_rotary(const float *x, int64_t B, int64_t H, int64_t T, int64_t D, int64_t sb, int64_t sh, int64_t st,
+                const float *cos, const float *sin, int64_t table_batch_stride, float *out) {
+    if (D % 2) return -1;
+    const int64_t half = D / 2;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t t = 0; t < T; t++) {
+                const float *xr = x + b * sb + h * sh + t * st;
+                const float *c = cos + b * table_batch_stride + t * D, *s = sin + b * table_batch_stride + t * D;
+                float *o = out + ((b * H + h) * T + t) * D;
+                for (int64_t i = 0; i < half; i++) {
+                    const float lo = xr[i] * c[i], rot_lo = -xr[i + half] * s[i];
+                    const float hi = xr[i + half] * c[i + half], rot_hi = xr[i] * s[i + half];
+                    o[i] = lo + rot_lo;
+                    o[i + half] = hi + rot_hi;
+                }
+            }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ a Llama-family decode step, layer by layer */
+
+/* float32 -> float16 with round-to-nearest-even, as torch's .to(torch.float16) */
+static inline uint16_t fp32_to_fp16(float f) {
+#if defined(__F16C__)
+    return (uint16_t)_cvtss_sh(f, 0);
+#elif defined(__aarch64__)
+    __fp16 h = (__fp16)f;
+    uint16_t bits;
+    memcpy(&bits, &h, 2);
+    return bits;
+#else
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000, absx = x & 0x7fffffff;
+    if (absx >= 0x7f800000) return (uint16_t)(sign | 0x7c00 | (absx > 0x7f800000 ? 0x200 : 0)); /* inf, nan */
+    if (absx >= 0x477ff000) return (uint16_t)(sign | 0x7c00);                                   /* overflow */
+    if (absx < 0x38800000) { /* subnormal or zero: add 0.5 (float), whose rounding is the half's */
+        float a;
+        memcpy(&a, &absx, 4);
+        a += 0.5f;
+        uint32_t bits;
+        memcpy(&bits, &a, 4);
+        return (uint16_t)(sign | (bits - 0x3f000000));
+    }
+    const uint32_t odd = (absx >> 13) & 1;
+    return (uint16_t)(sign | ((absx + 0xc8000fff + odd) >> 13));
+#endif
+}
+
+/* float32 -> bfloat16 with round-to-nearest-even (NaN kept quiet), as torch's .to(torch.bfloat16) */
+static inline uint16_t fp32_to_bf16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    if ((x & 0x7fffffff) > 0x7f800000) return (uint16_t)((x >> 16) | 0x40);
+    return (uint16_t)((x + 0x7fff + ((x >> 16) & 1)) >> 16);
+}
+
+static void store_row(void *dst, int type, const float *src, int64_t n) {
+    if (type == F16)
+        for (int64_t i = 0; i < n; i++) ((uint16_t *)dst)[i] = fp32_to_fp16(src[i]);
+    else if (type == BF16)
+        for (int64_t i = 0; i < n; i++) ((uint16_t *)dst)[i] = fp32_to_bf16(src[i]);
+    else
+        memcpy(dst, src, sizeof(float) * (size_t)n);
+}
+
+/* exp(x) for any float32 x (clamped to [-87, 88], where float32 stays normal and finite) */
+static inline v16f exp_any(v16f x) {
+    const v16i high = x > 88.0f; /* lanes of -1 to clamp */
+    const v16f ceiling = splat(88.0f);
+    v16i xb, cb;
+    memcpy(&xb, &x, 64);
+    memcpy(&cb, &ceiling, 64);
+    xb = (xb & ~high) | (cb & high);
+    memcpy(&x, &xb, 64);
+    return exp_neg(x); /* exp_neg's polynomial and scaling hold up to 88 too; it only clamps the low end */
+}
+
+typedef struct { /* one weight matrix in ggml blocks, with an optional float32 bias */
+    int64_t type;
+    const uint8_t *data;
+    int64_t row_bytes, rows, cols;
+    const float *bias;
+} kiln_matrix;
+
+#define MAX_PARTS 4
+
+typedef struct { /* one pre-norm attention + SwiGLU block and its slice of the KV cache */
+    const float *attn_norm, *mlp_norm;
+    kiln_matrix qkv[MAX_PARTS]; /* outputs concatenated: q (heads * D), k, v (kv_heads * D each) */
+    int64_t qkv_parts;
+    kiln_matrix o;
+    kiln_matrix gate_up[MAX_PARTS]; /* outputs concatenated: gate, up (intermediate each) */
+    int64_t gate_up_parts;
+    kiln_matrix down;
+    void *keys, *values; /* (kv_heads, capacity, D) of cache_type */
+    int64_t window;      /* 0: every position */
+} kiln_layer;
+
+typedef struct {
+    int64_t hidden, heads, kv_heads, head_dim, intermediate, capacity, cache_type;
+    float eps;
+    int32_t threads, activation_bits;
+} kiln_dims;
+
+static int matmul_parts(const kiln_matrix *parts, int64_t count, const float *x, float *y, const kiln_dims *m) {
+    for (int64_t p = 0; p < count; p++) {
+        const kiln_matrix *w = parts + p;
+        int rc = kiln_matmul((int)w->type, w->data, w->row_bytes, w->rows, w->cols, x, 1, y, m->threads,
+                             m->activation_bits);
+        if (rc) return rc;
+        if (w->bias)
+            for (int64_t i = 0; i < w->rows; i++) y[i] += w->bias[i];
+        y += w->rows;
+    }
+    return 0;
+}
+
+/* x (hidden,) float32, the residual stream of one sequence at `position`, through `count` blocks in place:
+ * x += attention(rms_norm(x)); x += down(silu(gate) * up)(rms_norm(x)), RoPE by cos / sin (head_dim each,
+ * this position's), keys and values stored at `position` of each layer's cache. The same steps and float32
+ * products as runtime/models/llama.py's DecoderLayer with the CPU kernels, in one call instead of ~40 torch ops
+ * per layer. -2 when memory ran out, -1 for a shape or type the kernels do not take. */
+int kiln_decode_layers(const kiln_dims *m, const kiln_layer *layers, int64_t count, float *x, int64_t position,
+                       const float *cos, const float *sin) {
+    const int64_t H = m->hidden, D = m->head_dim, Hq = m->heads, Hkv = m->kv_heads, I = m->intermediate;
+    const int64_t qkv_width = (Hq + 2 * Hkv) * D, elem = m->cache_type == F32 ? 4 : 2;
+    if (position >= m->capacity || D % 2) return -1;
+    const int64_t floats = H + qkv_width + Hq * D + 2 * I + H;
+    float *scratch = malloc(sizeof(float) * (size_t)floats);
+    if (!scratch) return -2;
+    float *normed = scratch, *qkv = normed + H, *attended = qkv + qkv_width, *gate_up = attended + Hq * D;
+    float *delta = gate_up + 2 * I;
+    int rc = 0;
+    for (int64_t l = 0; l < count && !rc; l++) {
+        const kiln_layer *layer = layers + l;
+        kiln_rms_norm(x, layer->attn_norm, normed, 1, H, m->eps, 1);
+        if ((rc = matmul_parts(layer->qkv, layer->qkv_parts, normed, qkv, m))) break;
+        float *q = qkv, *k = qkv + Hq * D, *v = k + Hkv * D;
+        kiln_rotary(q, 1, Hq, 1, D, Hq * D, D, D, cos, sin, 0, attended); /* rotated q, for now in `attended` */
+        memcpy(q, attended, sizeof(float) * (size_t)(Hq * D));
+        kiln_rotary(k, 1, Hkv, 1, D, Hkv * D, D, D, cos, sin, 0, attended);
+        for (int64_t h = 0; h < Hkv; h++) {
+            const int64_t slot = (h * m->capacity + position) * D * elem;
+            store_row((uint8_t *)layer->keys + slot, (int)m->cache_type, attended + h * D, D);
+            store_row((uint8_t *)layer->values + slot, (int)m->cache_type, v + h * D, D);
+        }
+        rc = kiln_decode_attention(q, layer->keys, layer->values, attended, (int)m->cache_type, 1, Hq, Hkv,
+                                   position + 1, D, Hkv * m->capacity * D, m->capacity * D, layer->window, m->threads);
+        if (rc || (rc = matmul_parts(&layer->o, 1, attended, delta, m))) break;
+        for (int64_t i = 0; i < H; i++) x[i] += delta[i];
+        kiln_rms_norm(x, layer->mlp_norm, normed, 1, H, m->eps, 1);
+        if ((rc = matmul_parts(layer->gate_up, layer->gate_up_parts, normed, gate_up, m))) break;
+        int64_t i = 0;
+        for (; i + 16 <= I; i += 16) { /* silu(gate) * up = gate / (1 + e^-gate) * up */
+            const v16f g = load_floats(gate_up + i), u = load_floats(gate_up + I + i);
+            const v16f out = g / (1.0f + exp_any(-g)) * u;
+            memcpy(gate_up + i, &out, 64);
+        }
+        for (; i < I; i++) gate_up[i] = gate_up[i] / (1.0f + __builtin_expf(-gate_up[i])) * gate_up[I + i];
+        if ((rc = matmul_parts(&layer->down, 1, gate_up, delta, m))) break;
+        for (int64_t j = 0; j < H; j++) x[j] += delta[j];
+    }
+    free(scratch);
+    return rc;
 }

@@ -1,5 +1,6 @@
-"""CPU kernels: Y = X · Wᵀ straight from ggml blocks (the GGUF file's bytes), embedding rows gathered from them, and
-decode attention.
+"""CPU kernels: Y = X · Wᵀ straight from ggml blocks (the GGUF file's bytes), embedding rows gathered from them,
+float32 RMSNorm and RoPE, decode attention over a float cache, and a whole decode step of Llama-family blocks
+(decode_blocks, whose reference is the model's own modules: runtime.models.cpu_decode).
 
 The kernel is `cpu.c`, compiled at first use by the user's C compiler (`$CC`, else cc / gcc / clang) with
 -O3 -march=native and OpenMP, and cached under `$XDG_CACHE_HOME/kilnlm` (or ~/.cache/kilnlm) by a hash of the
@@ -37,8 +38,9 @@ import torch
 
 from kilnlm.errors import KilnError
 
-__all__ = ["CpuOptions", "GGMLMatrix", "decode_attention", "MAX_GEMV_ROWS", "cpu_kernels", "ggml_embedding", "ggml_embedding_ref", "ggml_matmul",
-           "ggml_matmul_ref", "kernel_status", "supports"]
+__all__ = ["CpuOptions", "GGMLMatrix", "MAX_GEMV_ROWS", "apply_rotary", "cpu_kernels", "decode_attention", "ggml_embedding",
+           "ggml_embedding_ref", "ggml_matmul", "ggml_matmul_ref", "kernel_status", "rms_norm", "supports",
+           "DecodeBlock", "DecodeBlocks", "decode_blocks"]
 
 MAX_GEMV_ROWS = 8  # x rows up to this stream W once (MAX_ROWS in cpu.c); more dequantise chunks for the GEMM
 _CHUNK_FLOATS = 1 << 21  # the prefill path's dequantised chunk: 8 MiB of float32, within L2 + L3
@@ -80,7 +82,8 @@ class GGMLMatrix:
 
     ggml_type:  the GGUF/ggml tensor type id (2 = Q4_0, 8 = Q8_0, 14 = Q6_K, 1 = F16, ...).
     shape:      (N, K) = (out_features, in_features), rows in HF order.
-    data:       uint8 (N, K // block * bytes_per_block): each row its K // block blocks, as in the file.
+    data:       uint8 (N, K // block * bytes_per_block): each row its K // block blocks, as in the file (float
+                types: K elements, any K).
     dequantize: rows of `data` (R, row bytes) -> float32 (R, K); the format registry's reference, used by the
                 pure-torch path and the tests (kernels sit below quant, so it is handed in, not imported).
     """
@@ -94,7 +97,7 @@ class GGMLMatrix:
         if not supports(self.ggml_type, self.shape[1]):
             raise CpuKernelError(f"ggml type {self.ggml_type} with {self.shape[1]} columns has no CPU kernel")
         block, nbytes = _BLOCKS[self.ggml_type]
-        expected = (self.shape[0], self.shape[1] // block * nbytes)
+        expected = (self.shape[0], self.shape[1] * nbytes // block)  # whole blocks, or float elements
         if self.data.dtype != torch.uint8 or tuple(self.data.shape) != expected or not self.data.is_contiguous():
             raise CpuKernelError(f"a {self.shape} matrix of ggml type {self.ggml_type} needs contiguous uint8 data "
                                  f"{expected}, got {self.data.dtype} {tuple(self.data.shape)}")
@@ -107,7 +110,7 @@ class GGMLMatrix:
 
 def supports(ggml_type: int, columns: int) -> bool:
     """Whether the CPU kernels multiply through a matrix of `ggml_type` with `columns` input features."""
-    return ggml_type in _BLOCKS and columns % _BLOCKS[ggml_type][0] == 0
+    return ggml_type in _BLOCKS and (ggml_type in _FLOAT_TYPES.values() or columns % _BLOCKS[ggml_type][0] == 0)
 
 
 # ------------------------------------------------------------------------------------------ the library
@@ -121,8 +124,14 @@ class _Library:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.kiln_matmul.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int, ctypes.c_int]
         lib.kiln_dequant_rows.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
-        lib.kiln_decode_attention.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64, ctypes.c_int]
-        lib.kiln_matmul.restype = lib.kiln_dequant_rows.restype = lib.kiln_decode_attention.restype = ctypes.c_int
+        lib.kiln_decode_attention.argtypes = [ptr, ptr, ptr, ptr, ctypes.c_int, i64, i64, i64, i64, i64, i64, i64,
+                                              i64, ctypes.c_int]
+        lib.kiln_rms_norm.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int]
+        lib.kiln_rotary.argtypes = [ptr, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr]
+        lib.kiln_decode_layers.argtypes = [ctypes.POINTER(_Dims), ctypes.POINTER(_Block), i64, ptr, i64, ptr, ptr]
+        for function in (lib.kiln_matmul, lib.kiln_dequant_rows, lib.kiln_decode_attention, lib.kiln_rms_norm,
+                         lib.kiln_rotary, lib.kiln_decode_layers):
+            function.restype = ctypes.c_int
         self._lib, self.path, self.openmp = lib, path, bool(lib.kiln_has_openmp())
 
     def matmul(self, x: torch.Tensor, w: GGMLMatrix, out: torch.Tensor, options: CpuOptions) -> None:
@@ -145,12 +154,32 @@ class _Library:
 
     def decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, window: int,
                          threads: int) -> None:
-        """out (B, Hq, D) for q (B, Hq, D) over k, v (B, Hkv, S, D) with unit stride along D and contiguous rows."""
+        """out (B, Hq, D) for q (B, Hq, D) over k, v (B, Hkv, S, D) (float32, float16 or bfloat16, as stored) with
+        unit stride along D and contiguous rows."""
         batch, heads, dim = q.shape
-        rc = self._lib.kiln_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), batch, heads,
-                                             k.shape[1], k.shape[2], dim, k.stride(0), k.stride(1), window, threads)
+        rc = self._lib.kiln_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                                             _FLOAT_TYPES[k.dtype], batch, heads, k.shape[1], k.shape[2], dim,
+                                             k.stride(0), k.stride(1), window, threads)
         if rc:
             raise CpuKernelError(f"kiln_decode_attention refused q {tuple(q.shape)}, k {tuple(k.shape)} (rc {rc})")
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, eps: float, threads: int) -> None:
+        """out = RMSNorm of the rows of x (contiguous float32, like weight and out)."""
+        dim = x.shape[-1]
+        self._lib.kiln_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // dim, dim, eps, threads)
+
+    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> None:
+        """out (B, H, T, D) contiguous = x rotated; x float32 with unit stride along D, cos / sin contiguous (T, D) or
+        (B, T, D)."""
+        batch, heads, length, dim = x.shape
+        table_stride = length * dim if cos.ndim == 3 else 0
+        rc = self._lib.kiln_rotary(x.data_ptr(), batch, heads, length, dim, x.stride(0), x.stride(1), x.stride(2),
+                                   cos.data_ptr(), sin.data_ptr(), table_stride, out.data_ptr())
+        if rc:
+            raise CpuKernelError(f"kiln_rotary refused x {tuple(x.shape)}")
+
+
+_FLOAT_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 30}  # the ggml ids cpu.c names them by
 
 
 @dataclass(frozen=True)
@@ -302,11 +331,14 @@ def ggml_embedding_ref(ids: torch.Tensor, w: GGMLMatrix) -> torch.Tensor:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, threads: int
                      ) -> torch.Tensor | None:
-    """Attention of one query per sequence and head, q (B, Hq, 1, D), over float32 k, v (B, Hkv, S, D) whose rows
-    are contiguous (a cache's buffers); None when the compiled kernels cannot take these tensors (the caller then
-    runs kernels.attention's reference, which this matches up to float32 summation order)."""
+    """Attention of one float32 query per sequence and head, q (B, Hq, 1, D), over k, v (B, Hkv, S, D) stored as
+    float32, float16 or bfloat16 (read as stored, not converted) with contiguous rows (a cache's buffers); None when
+    the compiled kernels cannot take these tensors (the caller then runs kernels.attention's reference, which this
+    matches up to float32 summation order)."""
     library = cpu_kernels()
-    if library is None or q.dtype != torch.float32 or k.dtype != torch.float32 or v.dtype != torch.float32:
+    if library is None or q.dtype != torch.float32 or k.dtype not in _FLOAT_TYPES or v.dtype != k.dtype:
+        return None
+    if _tracks_grad(q, k, v):
         return None
     if k.stride(-1) != 1 or v.stride(-1) != 1 or k.stride(2) != k.shape[-1] or v.stride() != k.stride():
         return None
@@ -319,3 +351,167 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     out = torch.empty(batch, heads, dim, dtype=torch.float32)
     library.decode_attention(query, k, v, out, window or 0, threads)
     return out.view(batch, heads, 1, dim)
+
+
+def _tracks_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd follows these tensors (quant.tune trains through the model): the C kernels have no backward,
+    so the references run then."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, threads: int) -> torch.Tensor | None:
+    """kernels.norm.rms_norm_ref of float32 x and weight in one pass per row; None when the compiled kernels cannot
+    take them."""
+    library = cpu_kernels()
+    if library is None or x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.shape != x.shape[-1:]:
+        return None
+    if _tracks_grad(x, weight):
+        return None
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    library.rms_norm(x, weight.contiguous(), out, eps, threads)
+    return out
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """kernels.rope.apply_rotary_ref for float32 q, k and tables, into new contiguous tensors; None when the compiled
+    kernels cannot take them."""
+    library = cpu_kernels()
+    tensors = (q, k, cos, sin)
+    if library is None or any(t.dtype != torch.float32 for t in tensors) or q.stride(-1) != 1 or k.stride(-1) != 1:
+        return None
+    if _tracks_grad(*tensors):
+        return None
+    batch, _, length, dim = q.shape
+    if cos.shape not in ((length, dim), (batch, length, dim)) or sin.shape != cos.shape:
+        return None
+    cos, sin = cos.contiguous(), sin.contiguous()
+    rotated = []
+    for x in (q, k):
+        out = torch.empty(x.shape, dtype=torch.float32)
+        library.rotary(x, cos, sin, out)
+        rotated.append(out)
+    return rotated[0], rotated[1]
+
+
+# ------------------------------------------------------------------------------ a whole decode step of blocks
+
+
+class _Matrix(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int64), ("data", ctypes.c_void_p), ("row_bytes", ctypes.c_int64),
+                ("rows", ctypes.c_int64), ("cols", ctypes.c_int64), ("bias", ctypes.c_void_p)]
+
+
+_MAX_PARTS = 4  # MAX_PARTS in cpu.c: matrices whose outputs make up q|k|v or gate|up
+
+
+class _Block(ctypes.Structure):
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("qkv", _Matrix * _MAX_PARTS),
+                ("qkv_parts", ctypes.c_int64), ("o", _Matrix), ("gate_up", _Matrix * _MAX_PARTS),
+                ("gate_up_parts", ctypes.c_int64), ("down", _Matrix), ("keys", ctypes.c_void_p),
+                ("values", ctypes.c_void_p), ("window", ctypes.c_int64)]
+
+
+class _Dims(ctypes.Structure):
+    _fields_ = [("hidden", ctypes.c_int64), ("heads", ctypes.c_int64), ("kv_heads", ctypes.c_int64),
+                ("head_dim", ctypes.c_int64), ("intermediate", ctypes.c_int64), ("capacity", ctypes.c_int64),
+                ("cache_type", ctypes.c_int64), ("eps", ctypes.c_float), ("threads", ctypes.c_int32),
+                ("activation_bits", ctypes.c_int32)]
+
+
+Part = tuple[GGMLMatrix, "torch.Tensor | None"]  # a matrix and its float32 bias (None: no bias)
+
+
+@dataclass(frozen=True)
+class DecodeBlock:
+    """One pre-norm block (RMSNorm -> GQA attention with RoPE -> residual, RMSNorm -> SwiGLU -> residual) of one
+    sequence, as decode_blocks takes it: float32 norm weights, the projections in ggml blocks (qkv: parts whose
+    outputs concatenate to q | k | v; gate_up: to gate | up), and the layer's cache buffers keys / values
+    (kv_heads, capacity, head_dim) in float32, float16 or bfloat16, contiguous."""
+
+    attn_norm: torch.Tensor
+    mlp_norm: torch.Tensor
+    qkv: tuple[Part, ...]
+    o: Part
+    gate_up: tuple[Part, ...]
+    down: Part
+    keys: torch.Tensor
+    values: torch.Tensor
+    window: int | None
+
+
+class DecodeBlocks:
+    """Blocks prepared once (ctypes structures pointing at their tensors, which this object keeps alive) for
+    decode steps of one sequence; calling it runs every block on x in place, in one call into cpu.c."""
+
+    def __init__(self, library: _Library, blocks: list[DecodeBlock], heads: int, eps: float, options: CpuOptions):
+        first = blocks[0]
+        kv_heads, capacity, head_dim = first.keys.shape
+        hidden = first.attn_norm.shape[0]
+        intermediate = sum(w.shape[0] for w, _ in first.gate_up) // 2
+        self._dims = _Dims(hidden, heads, kv_heads, head_dim, intermediate, capacity, _FLOAT_TYPES[first.keys.dtype],
+                           eps, options.threads, ACTIVATIONS[options.activations])
+        self._blocks = (_Block * len(blocks))(*(self._block(b) for b in blocks))
+        self._held = blocks
+        self._library, self.capacity = library, capacity
+
+    @staticmethod
+    def _matrix(part: Part) -> _Matrix:
+        w, bias = part
+        return _Matrix(w.ggml_type, w.data.data_ptr(), w.data.shape[1], w.shape[0], w.shape[1],
+                       None if bias is None else bias.data_ptr())
+
+    def _block(self, block: DecodeBlock) -> _Block:
+        for part in (*block.qkv, *block.gate_up, block.o, block.down):
+            if part[1] is not None and (part[1].dtype != torch.float32 or not part[1].is_contiguous()):
+                raise CpuKernelError("decode_blocks takes contiguous float32 biases")
+        qkv = (_Matrix * _MAX_PARTS)(*(self._matrix(p) for p in block.qkv))
+        gate_up = (_Matrix * _MAX_PARTS)(*(self._matrix(p) for p in block.gate_up))
+        return _Block(block.attn_norm.data_ptr(), block.mlp_norm.data_ptr(), qkv, len(block.qkv),
+                      self._matrix(block.o), gate_up, len(block.gate_up), self._matrix(block.down),
+                      block.keys.data_ptr(), block.values.data_ptr(), block.window or 0)
+
+    def __call__(self, x: torch.Tensor, position: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """x: (hidden,) float32 contiguous, updated in place; cos / sin: (head_dim,) float32 for `position`."""
+        rc = self._library._lib.kiln_decode_layers(ctypes.byref(self._dims), self._blocks, len(self._held),
+                                                   x.data_ptr(), position, cos.data_ptr(), sin.data_ptr())
+        if rc:
+            raise CpuKernelError(f"kiln_decode_layers failed at position {position} (rc {rc})")
+
+
+def decode_blocks(blocks: list[DecodeBlock], heads: int, eps: float, options: CpuOptions) -> DecodeBlocks | None:
+    """The compiled decode step over `blocks`, or None when the kernels cannot take them (no compiler, a part
+    split more than cpu.c holds, a head size or cache type it does not read); the caller runs its modules then,
+    which are this step's reference (tests/test_cpu_kernels.py compares the two)."""
+    library = cpu_kernels()
+    if library is None or not blocks:
+        return None
+    kv_heads, _, head_dim = blocks[0].keys.shape
+    for block in blocks:
+        tensors = (block.attn_norm, block.mlp_norm, block.keys, block.values)
+        if len(block.qkv) > _MAX_PARTS or len(block.gate_up) > _MAX_PARTS or not all(t.is_contiguous() for t in tensors):
+            return None
+        if block.keys.dtype not in _FLOAT_TYPES or block.values.dtype != block.keys.dtype or \
+                block.keys.shape != blocks[0].keys.shape or block.values.shape != block.keys.shape:
+            return None
+        if block.attn_norm.dtype != torch.float32 or block.mlp_norm.dtype != torch.float32:
+            return None
+    if head_dim % 16 or head_dim > 256 or heads % kv_heads:
+        return None
+    if not all(_shapes_fit(block, heads, kv_heads, head_dim) for block in blocks):
+        return None  # cpu.c trusts the shapes: anything else stays with the modules
+    return DecodeBlocks(library, blocks, heads, eps, options)
+
+
+def _shapes_fit(block: DecodeBlock, heads: int, kv_heads: int, head_dim: int) -> bool:
+    hidden = block.attn_norm.shape[0]
+    intermediate = sum(w.shape[0] for w, _ in block.gate_up) // 2
+
+    def rows(parts: tuple[Part, ...], total: int, columns: int) -> bool:
+        return sum(w.shape[0] for w, _ in parts) == total and all(
+            w.shape[1] == columns and (bias is None or bias.shape == (w.shape[0],)) for w, bias in parts)
+
+    return (block.mlp_norm.shape == (hidden,) and rows(block.qkv, (heads + 2 * kv_heads) * head_dim, hidden)
+            and rows((block.o,), hidden, heads * head_dim) and rows(block.gate_up, 2 * intermediate, hidden)
+            and rows((block.down,), hidden, intermediate))

@@ -12,7 +12,8 @@ Layouts:
   and the chunk being run, so its memory is O(window), not O(context).
 
 Stores return the layer's keys/values in the model's dtype, unrotated, for the reference attention; for a
-quantized type that is a dequantised copy (the Triton decode kernel is to read the packed blocks directly).
+quantized type that is a dequantised copy (the decode kernels read the packed blocks directly). A float cache
+goes to kernels.attention as stored, so a float16 cache of a float32 model is read as float16 at decode.
 """
 
 from __future__ import annotations
@@ -143,12 +144,20 @@ class LayerStore(ABC):
                 self.v_codec.empty(batch, heads, positions, head_dim, device))
 
     @abstractmethod
+    def _store(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store positions start .. start+T-1; return the stored form of the last S positions kept."""
+
     def append(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store positions start .. start+T-1; return keys/values (B, H, S, D) of the last S positions kept."""
+        stored_keys, stored_values = self._store(start, keys, values)
+        return self.k_codec.decode(stored_keys, self.dtype), self.v_codec.decode(stored_values, self.dtype)
 
     def attend(self, start: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                window: int | None) -> torch.Tensor:
         """Store positions start .. start+T-1, then attention of q (B, Hq, T, D) over what a query may see."""
+        if isinstance(self.k_codec, FloatCodec) and isinstance(self.v_codec, FloatCodec):
+            # kernels.attention reads a float cache as stored (no per-step float32 copy of a float16 cache)
+            return kernels.attention(q, *self._store(start, keys, values), window=window)
         return kernels.attention(q, *self.append(start, keys, values), window=window)
 
     @abstractmethod
@@ -174,10 +183,9 @@ class FullStore(LayerStore):
         self.values[:, :, start:end] = self.v_codec.encode(values)
         return end
 
-    def append(self, start, keys, values):
+    def _store(self, start, keys, values):
         end = self._write(start, keys, values)
-        return (self.k_codec.decode(self.keys[:, :, :end], self.dtype),
-                self.v_codec.decode(self.values[:, :, :end], self.dtype))
+        return self.keys[:, :, :end], self.values[:, :, :end]
 
     def attend(self, start, q, keys, values, window):
         """With packed blocks (and always on CUDA) the kernels read the buffers as one page per sequence."""
@@ -211,7 +219,7 @@ class WindowStore(LayerStore):
         self.count = 0  # positions held
         self.keys, self.values = self._buffers(window - 1 + margin + chunk)
 
-    def append(self, start, keys, values):
+    def _store(self, start, keys, values):
         if start < self.first:  # only a full reset (resumable(0)) goes back past the buffer
             self.first = 0
         self.count = start - self.first  # a rollback to `start` (checked resumable) drops what follows
@@ -222,8 +230,7 @@ class WindowStore(LayerStore):
         self.values[:, :, self.count:end] = self.v_codec.encode(values)
         self.count = end
         visible = max(0, start - self.window + 1 - self.first)  # older keys are outside every query's window
-        return (self.k_codec.decode(self.keys[:, :, visible:end], self.dtype),
-                self.v_codec.decode(self.values[:, :, visible:end], self.dtype))
+        return self.keys[:, :, visible:end], self.values[:, :, visible:end]
 
     def _make_room(self, start: int, length: int) -> None:
         """When the buffer is full, drop the positions no query from `start` on (nor a rollback) can see."""

@@ -7,6 +7,8 @@ import torch
 
 from kilnlm.kernels import cpu
 from kilnlm.kernels.attention import attention_ref
+from kilnlm.kernels.norm import rms_norm_ref
+from kilnlm.kernels.rope import apply_rotary_ref
 from kilnlm.kernels.cpu import CpuKernelError, CpuOptions, decode_attention, ggml_embedding, ggml_embedding_ref, \
     ggml_matmul, ggml_matmul_ref
 from kilnlm.quant.formats import QuantizedTensor, get_format
@@ -111,9 +113,22 @@ def test_decode_attention_matches_the_reference(heads, kv_heads, keys, window):
 
 
 @needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_attention_reads_a_16_bit_cache_as_stored(dtype):
+    generator = torch.Generator().manual_seed(3)
+    k_buffer = torch.randn(1, 2, 150, 64, generator=generator).to(dtype)
+    v_buffer = torch.randn(1, 2, 150, 64, generator=generator).to(dtype)
+    k, v = k_buffer[:, :, :100], v_buffer[:, :, :100]
+    q = torch.randn(1, 8, 1, 64, generator=generator)
+    got = decode_attention(q, k, v, None, threads=2)
+    torch.testing.assert_close(got, attention_ref(q, k.float(), v.float(), None), rtol=1e-4, atol=1e-5)
+
+
+@needs_compiler
 def test_decode_attention_declines_what_it_does_not_handle():
     q, k = torch.randn(1, 4, 1, 64), torch.randn(1, 4, 10, 64)
-    assert decode_attention(q.half(), k.half(), k.half(), None, 1) is None  # float16 cache: the reference runs
+    assert decode_attention(q.half(), k.half(), k.half(), None, 1) is None  # a float16 model: the reference runs
+    assert decode_attention(q, k.half(), k.bfloat16(), None, 1) is None  # keys and values of different types
     assert decode_attention(q, k.transpose(2, 3).contiguous().transpose(2, 3), k, None, 1) is None  # column-major
     assert decode_attention(torch.randn(1, 4, 1, 40), torch.randn(1, 4, 10, 40), torch.randn(1, 4, 10, 40),
                             None, 1) is None  # head size not a multiple of 16
@@ -145,3 +160,43 @@ def test_a_compiler_error_names_the_compiler(monkeypatch, tmp_path):
         assert not status.compiled and "this compiler is broken" in status.detail and str(fake) in status.detail
     finally:
         cpu._build.cache_clear()
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows, dim", [(1, 1024), (3, 72), (300, 512)])
+def test_rms_norm_matches_the_reference(rows, dim):
+    generator = torch.Generator().manual_seed(rows)
+    x, weight = torch.randn(rows, dim, generator=generator) * 3, torch.randn(dim, generator=generator)
+    got = cpu.rms_norm(x, weight, 1e-5, threads=2)
+    torch.testing.assert_close(got, rms_norm_ref(x, weight, 1e-5), rtol=1e-5, atol=1e-6)
+    assert cpu.rms_norm(x.half(), weight.half(), 1e-5, 1) is None  # 16-bit models keep the reference's rounding
+
+
+@needs_compiler
+@pytest.mark.parametrize("per_sequence", [False, True])
+def test_rotary_matches_the_reference_on_projection_views(per_sequence):
+    generator = torch.Generator().manual_seed(int(per_sequence))
+    batch, length, heads, kv_heads, dim = 2, 3, 4, 2, 32
+    # q and k as the attention layer has them: transposed views of one projection output
+    qkv = torch.randn(batch, length, (heads + 2 * kv_heads) * dim, generator=generator)
+    q = qkv[..., :heads * dim].view(batch, length, heads, dim).transpose(1, 2)
+    k = qkv[..., heads * dim:(heads + kv_heads) * dim].view(batch, length, kv_heads, dim).transpose(1, 2)
+    table = (batch, length, dim) if per_sequence else (length, dim)
+    cos, sin = torch.rand(table, generator=generator), torch.rand(table, generator=generator)
+    got_q, got_k = cpu.apply_rotary(q, k, cos, sin)
+    want_q, want_k = apply_rotary_ref(q, k, cos, sin)
+    torch.testing.assert_close(got_q, want_q, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_k, want_k, rtol=1e-6, atol=1e-6)
+    assert got_q.is_contiguous() and got_q.data_ptr() != q.data_ptr()  # new tensors: the projection stays as it was
+
+
+@needs_compiler
+def test_autograd_gets_the_references_it_can_differentiate():
+    x, weight = torch.randn(2, 64, requires_grad=True), torch.ones(64, requires_grad=True)
+    assert cpu.rms_norm(x, weight, 1e-5, 1) is None
+    with torch.no_grad():
+        assert cpu.rms_norm(x, weight, 1e-5, 1) is not None
+    from kilnlm import kernels
+
+    kernels.rms_norm(x, weight, 1e-5).sum().backward()  # quant.tune trains norms through the model
+    assert weight.grad is not None and x.grad is not None
