@@ -16,6 +16,7 @@ from kilnlm import kernels
 from kilnlm.runtime.cache import Cache, new_kv_cache
 from kilnlm.runtime.paged_cache import new_paged_cache
 from kilnlm.runtime.config import ModelConfig
+from kilnlm.runtime.models.cpu_decode import compiled_decode
 from kilnlm.runtime.rope import RotaryEmbedding
 
 
@@ -148,8 +149,9 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids)  # (B, T, H)
         if self.config.embedding_multiplier != 1.0:  # muP-style scaling (Granite)
             x = x * self.config.embedding_multiplier
-        for layer in self.layers:
-            x = layer(x, rope, cache)
+        if not compiled_decode(self, x, rope, cache):  # one token on the CPU: every block in one C call, if it can
+            for layer in self.layers:
+                x = layer(x, rope, cache)
         if cache is not None:
             cache.commit_rows(input_ids)
         if last_logits_only:

@@ -30,7 +30,8 @@ def keeps_packed(device: torch.device, name: str, fmt: WeightFormat, shape: Sequ
         return False
     if device.type == "cuda":
         return fmt.name in CUDA_PACKED_FORMATS and name.startswith("layers.")
-    # float32 gains nothing from the C kernels; the rest run there when their rows split into whole blocks
+    # block types whose rows split into whole blocks, and 16-bit floats of any width; float32 stays a torch tensor
+    # (the kernels would hold the same bytes, and files keep non-linear matrices such as Mamba's conv in F32)
     return device.type == "cpu" and fmt.name != "f32" and supports(int(fmt.gguf_type), int(shape[1]))
 
 
