@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+GGML_TYPES = {"f16": 1, "f32": 0}  # KV cache types both runtimes take, by ggml type id (llama.cpp's type_k / type_v)
 SHAPES = {  # a 155M Llama (the issue's measurement) and Llama 3.2 1B's sizes with a 32000-token vocabulary
     "155m": dict(hidden_size=1024, intermediate_size=2816, num_layers=8, num_heads=16, num_kv_heads=16, head_dim=64,
                  vocab_size=32000, tie_word_embeddings=False),
@@ -97,7 +98,7 @@ def rss_mib() -> float:
     return 0.0
 
 
-def measure_kilnlm(path: Path, threads: int, prompt_tokens: int, new_tokens: int) -> dict:
+def measure_kilnlm(path: Path, threads: int, prompt_tokens: int, new_tokens: int, kv_type: str) -> dict:
     from kilnlm import Engine
     from kilnlm.kernels.cpu import kernel_status
     from kilnlm.runtime.bench import measure_bandwidth, run_bench, weight_bytes_per_token
@@ -105,23 +106,25 @@ def measure_kilnlm(path: Path, threads: int, prompt_tokens: int, new_tokens: int
     torch.set_num_threads(threads)
     rss_base = rss_mib()  # the interpreter with torch and kilnlm imported, before any weight
     started = time.perf_counter()
-    engine = Engine.load(path, threads=threads, progress=False)
+    engine = Engine.load(path, threads=threads, kv_type=kv_type, progress=False)
     load_s, rss_load = time.perf_counter() - started, rss_mib()
-    result = run_bench(engine.model, prompt_tokens=prompt_tokens, new_tokens=new_tokens, bandwidth=False)
+    result = run_bench(engine.model, prompt_tokens=prompt_tokens, new_tokens=new_tokens, bandwidth=False,
+                       kv_options={"k_type": kv_type, "v_type": kv_type})
     rss_run = rss_mib()
     return dict(decode=result.decode_tokens_per_s, prefill=result.prefill_tokens_per_s, load_s=load_s,
                 rss_base=rss_base, rss_load=rss_load, rss_run=rss_run, bytes_per_token=weight_bytes_per_token(engine.model),
                 bandwidth=measure_bandwidth(torch.device("cpu")), kernels=kernel_status().compiled)
 
 
-def measure_llama_cpp(path: Path, threads: int, prompt_tokens: int, new_tokens: int) -> dict:
+def measure_llama_cpp(path: Path, threads: int, prompt_tokens: int, new_tokens: int, kv_type: str) -> dict:
     import numpy as np
     from llama_cpp import Llama
 
     rss_base = rss_mib()
     started = time.perf_counter()
     llm = Llama(model_path=str(path), n_ctx=prompt_tokens + new_tokens + 16, n_batch=prompt_tokens,
-                n_ubatch=prompt_tokens, n_threads=threads, n_threads_batch=threads, verbose=False)
+                n_ubatch=prompt_tokens, n_threads=threads, n_threads_batch=threads, verbose=False,
+                type_k=GGML_TYPES[kv_type], type_v=GGML_TYPES[kv_type])
     load_s, rss_load = time.perf_counter() - started, rss_mib()
     vocab = llm.n_vocab()
     prompt = torch.randint(3, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -148,7 +151,7 @@ def measure_llama_cpp(path: Path, threads: int, prompt_tokens: int, new_tokens: 
 def run_isolated(runtime: str, path: Path, args) -> dict | None:
     """One measurement in a fresh interpreter (clean RSS); None when that runtime is not installed."""
     command = [sys.executable, __file__, "--measure", runtime, str(path), "--threads", str(args.threads),
-               "--prompt", str(args.prompt), "--new", str(args.new)]
+               "--prompt", str(args.prompt), "--new", str(args.new), "--kv-type", args.kv_type]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         if "No module named 'llama_cpp'" in done.stderr:
@@ -240,6 +243,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=physical_cores())
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--kv-type", choices=tuple(GGML_TYPES), default="f16",
+                        help="KV cache element type of both runtimes (default: f16, llama.cpp's default)")
     parser.add_argument("--kernels", action="store_true", help="time the matmul alternatives instead")
     parser.add_argument("--dry-run", action="store_true", help="tiny shape and lengths: checks the harness")
     parser.add_argument("--measure", nargs=2, metavar=("RUNTIME", "FILE"), help=argparse.SUPPRESS)
@@ -247,7 +252,7 @@ def main() -> None:
     if args.measure:
         runtime, path = args.measure
         measure = measure_kilnlm if runtime == "kilnlm" else measure_llama_cpp
-        print(json.dumps(measure(Path(path), args.threads, args.prompt, args.new)))
+        print(json.dumps(measure(Path(path), args.threads, args.prompt, args.new, args.kv_type)))
         return
     if args.kernels:
         kernel_alternatives(args.threads)
@@ -256,7 +261,8 @@ def main() -> None:
         args.shapes, args.prompt, args.new = "tiny", 16, 8
     args.workdir.mkdir(parents=True, exist_ok=True)
     files = write_files(args.workdir, args.shapes.split(","), args.types.split(","))
-    print(f"threads {args.threads}, prompt {args.prompt}, decode {args.new}; {os.cpu_count()} CPUs\n")
+    print(f"threads {args.threads}, prompt {args.prompt}, decode {args.new}, {args.kv_type} KV cache; "
+          f"{os.cpu_count()} CPUs\n")
     rows = []
     for path in files:
         ours = run_isolated("kilnlm", path, args)
