@@ -463,23 +463,39 @@ static inline __attribute__((always_inline)) __m256 int_group(i8_group wg, const
 }
 
 /* y[m, n] for rows n0 <= n < n1 against `rows` quantised x rows (a constant where inlined: registers). */
+/* Four accumulators per row, taken in turn by consecutive groups: one chain of dependent FMAs would bound a
+ * decode row by the FMA latency (4 cycles a group), not by memory. */
 #define DEFINE_INT(name, QK, BYTES, TWO_SCALES, HAS_MIN)                                                      \
+    static inline __attribute__((always_inline)) void int_step_##name(                                        \
+        const uint8_t *row, int64_t K, const q_rows *x, int64_t m0, const int rows, const int bits, int64_t b,   \
+        int g, int slot, __m256 (*acc)[4], float (*corr)[4]) {                                               \
+        const i8_group wg = i8_##name(row + b * BYTES, g);                                                  \
+        for (int r = 0; r < rows; r++) {                                                                    \
+            const int64_t xj = (m0 + r) * (K / 32) + b * (QK / 32) + g;                                     \
+            acc[r][slot] = int_group(wg, x, xj, bits, TWO_SCALES, acc[r][slot]);                            \
+            if (HAS_MIN) corr[r][slot] += wg.min * x->sum[xj];                                              \
+        }                                                                                                   \
+    }                                                                                                       \
     static inline __attribute__((always_inline)) void int_rows_##name(                                       \
         const uint8_t *row, int64_t K, const q_rows *x, int64_t m0, const int rows, const int bits, float *out) { \
-        __m256 acc[MAX_ROWS];                                                                               \
-        float corr[MAX_ROWS];                                                                               \
-        for (int r = 0; r < rows; r++) { acc[r] = _mm256_setzero_ps(); corr[r] = 0.0f; }                    \
-        for (int64_t b = 0; b < K / QK; b++) {                                                              \
-            _Pragma("GCC unroll 8") for (int g = 0; g < QK / 32; g++) {                                     \
-                const i8_group wg = i8_##name(row + b * BYTES, g);                                          \
-                for (int r = 0; r < rows; r++) {                                                            \
-                    const int64_t xj = (m0 + r) * (K / 32) + b * (QK / 32) + g;                             \
-                    acc[r] = int_group(wg, x, xj, bits, TWO_SCALES, acc[r]);                                \
-                    if (HAS_MIN) corr[r] += wg.min * x->sum[xj];                                            \
-                }                                                                                           \
-            }                                                                                               \
+        __m256 acc[MAX_ROWS][4];                                                                            \
+        float corr[MAX_ROWS][4];                                                                            \
+        for (int r = 0; r < rows; r++)                                                                      \
+            for (int s = 0; s < 4; s++) { acc[r][s] = _mm256_setzero_ps(); corr[r][s] = 0.0f; }             \
+        const int64_t blocks = K / QK;                                                                      \
+        int64_t b = 0;                                                                                      \
+        for (; b + 2 <= blocks; b += 2) { /* two blocks a pass, so that even 32-weight blocks rotate slots */ \
+            _Pragma("GCC unroll 16") for (int h = 0; h < 2 * (QK / 32); h++)                                \
+                int_step_##name(row, K, x, m0, rows, bits, b + h / (QK / 32), h % (QK / 32), h & 3, acc, corr); \
         }                                                                                                   \
-        for (int r = 0; r < rows; r++) out[r] = hsum_ps(acc[r]) + corr[r];                                  \
+        if (b < blocks) {                                                                                   \
+            _Pragma("GCC unroll 8") for (int g = 0; g < QK / 32; g++)                                       \
+                int_step_##name(row, K, x, m0, rows, bits, b, g, g & 3, acc, corr);                         \
+        }                                                                                                   \
+        for (int r = 0; r < rows; r++) {                                                                    \
+            const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3])); \
+            out[r] = hsum_ps(sum) + ((corr[r][0] + corr[r][1]) + (corr[r][2] + corr[r][3]));                 \
+        }                                                                                                   \
     }                                                                                                       \
     static void matmul_int_##name(const uint8_t *w, int64_t row_bytes, int64_t K, const q_rows *x, int bits,   \
                                   int64_t M, float *y, int64_t N, int64_t n0, int64_t n1) {                 \
