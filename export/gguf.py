@@ -389,7 +389,7 @@ class GGUFCheckpoint:
         """Yield (kilnlm name, float32 tensor in HF layout), dequantising one tensor at a time.
 
         Matrices for which `packed(name, stored format, shape)` is true come as QuantizedTensor instead (the file's
-        blocks, rows in HF order), for runtimes that multiply through packed weights (runtime.models.packing).
+        blocks, rows in HF order), for runtimes that multiply through packed weights (runtime.models.quantized_linear.keeps_packed).
         """
         for name in self._names:
             info = self.file.tensors[self._names[name]]

@@ -152,6 +152,7 @@ class Engine:
 
         path = Path(path)
         device = _device(device)
+        cpu = CpuOptions(physical_cores() if threads is None else threads, cpu_activations)  # refuses bad values now
         kv_options = {"k_type": k_type or kv_type, "v_type": v_type or kv_type, "rotate": kv_rotation}
         if paged_kv:
             kv_options["paged"] = True
@@ -186,7 +187,6 @@ class Engine:
         if parallel > 1 and set(config.layer_kinds()) != {"attention"}:
             raise KilnError(f"{path}: parallel generation batches attention models over the paged cache; "
                             f"{config.architecture} has recurrent layers, so use parallel=1")
-        cpu = CpuOptions(threads or physical_cores(), cpu_activations)
         model = build_model(config, tensors, device=device, dtype=model_dtype, source=str(path), cpu=cpu)
         _use_int8_linears(model, checkpoint)
         return cls(model, tokenizer, context_length=_context_length(config, context_length), source=str(path),

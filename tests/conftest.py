@@ -32,6 +32,26 @@ TINY = dict(
 TOKENIZER_VOCAB = 320
 
 
+@pytest.fixture(scope="session")
+def demo_gguf(tmp_path_factory):
+    """demo_gguf(type) -> the bundled demo model written as a GGUF file of that type (once per session)."""
+    from kilnlm.export.checkpoint import open_checkpoint
+    from kilnlm.export.gguf import write_gguf
+    from kilnlm.runtime.engine import demo_model_path
+
+    written: dict[str, Path] = {}
+
+    def write(target: str) -> Path:
+        if not demo_model_path().is_dir():
+            pytest.skip("demo model not built")
+        if target not in written:
+            written[target] = tmp_path_factory.mktemp("demo-gguf") / f"demo-{target}.gguf"
+            write_gguf(open_checkpoint(demo_model_path()), written[target], target)
+        return written[target]
+
+    return write
+
+
 @pytest.fixture
 def shared_dir() -> Path:
     """The team's ../shared data folder; tests that need it are skipped in a plain clone."""

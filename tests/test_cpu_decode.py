@@ -62,13 +62,9 @@ def _ran_compiled(model) -> bool:
     return any(plan is not None for plan in plans.values())
 
 
-@pytest.fixture(scope="module", params=["q4_0", "q4_k_m", "q8_0", "f16"])
-def demo_file(request, tmp_path_factory):
-    if not demo_model_path().is_dir():
-        pytest.skip("demo model not built")
-    out = tmp_path_factory.mktemp("decode") / f"demo-{request.param}.gguf"
-    write_gguf(open_checkpoint(demo_model_path()), out, request.param)
-    return out
+@pytest.fixture(params=["q4_0", "q4_k_m", "q8_0", "f16"])
+def demo_file(request, demo_gguf):
+    return demo_gguf(request.param)
 
 
 @pytest.mark.parametrize("kv_type", [None, "f16", "bf16"])

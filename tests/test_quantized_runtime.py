@@ -7,17 +7,13 @@ import torch
 
 from kilnlm.export.checkpoint import open_checkpoint
 from kilnlm.export.gguf import write_gguf
-from kilnlm.runtime.engine import Engine, demo_model_path
+from kilnlm.runtime.engine import Engine
 from kilnlm.runtime.models.quantized_linear import QuantizedEmbedding, QuantizedLinear
 
 
-@pytest.fixture(scope="module", params=["q4_0", "q4_1", "q8_0", "q4_k_m", "q5_k_m", "q6_k"])
-def gguf_file(request, tmp_path_factory):
-    if not demo_model_path().is_dir():
-        pytest.skip("demo model not built")
-    out = tmp_path_factory.mktemp("packed") / f"demo-{request.param}.gguf"
-    write_gguf(open_checkpoint(demo_model_path()), out, request.param)
-    return out
+@pytest.fixture(params=["q4_0", "q4_1", "q8_0", "q4_k_m", "q5_k_m", "q6_k"])
+def gguf_file(request, demo_gguf):
+    return demo_gguf(request.param)
 
 
 @pytest.mark.parametrize("activations", ["i16", "f32"])
@@ -95,6 +91,14 @@ def test_explicit_threads_apply_during_generation_only(gguf_file):
     assert seen and set(seen) == {1}
     assert torch.get_num_threads() == before
     assert engine.model.layers[0].self_attn.q_proj.cpu.threads == 1
+
+
+@pytest.mark.parametrize("options", [dict(threads=0), dict(threads=-2), dict(cpu_activations="int4")])
+def test_bad_cpu_options_are_refused_before_loading(demo_gguf, options):
+    from kilnlm.errors import KilnError
+
+    with pytest.raises(KilnError, match="threads must be at least 1|CPU activations must be one of"):
+        Engine.load(demo_gguf("q4_0"), progress=False, **options)
 
 
 def test_fused_projections_share_one_matrix(gguf_file):
