@@ -303,31 +303,40 @@ typedef struct {
     void *q;     /* (M, K) codes: int8 or int16 */
     float *d;    /* (M, K / 32) scales */
     float *sum;  /* (M, K / 32) d * sum of q (for the minimum of d * q + m formats) */
+    int32_t *isum; /* (M, K / 32) sum of q (for formats stored with an offset: Q4_0's q - 8) */
 } q_rows;
 
-/* x per 32 values as d * q with q = round(x / d), d = max|x| / qmax: int8 (qmax 127, ggml's Q8_0) or int16. */
-static void quantize_rows(const float *x, int64_t M, int64_t K, int bits, q_rows *out) {
+/* x per 32 values as d * q with q = round(x / d) (to nearest even, as ggml's AVX code rounds), d = max|x| / qmax:
+ * int8 (qmax 127, ggml's Q8_0) or int16. rintf, unlike roundf, is one instruction, so the loops vectorise: this
+ * runs before every matmul of a decode step. */
+static inline __attribute__((always_inline)) void quantize_group(const float *v, int bits, void *q, float *d_out,
+                                                                 float *sum_out, int32_t *isum_out) {
     const float qmax = bits == 8 ? 127.0f : 32767.0f;
+    float amax = 0.0f;
+    for (int j = 0; j < 32; j++) amax = __builtin_fmaxf(amax, __builtin_fabsf(v[j]));
+    const float d = amax / qmax, id = d != 0.0f ? 1.0f / d : 0.0f;
+    int32_t qsum = 0; /* the minimum's term uses the quantised values too: the product is then exactly the
+                         dequantised weights times the quantised activations (ggml's Q8_1 keeps d * sum q) */
+    if (bits == 8) {
+        int8_t *out = q;
+        for (int j = 0; j < 32; j++) out[j] = (int8_t)__builtin_rintf(v[j] * id);
+        for (int j = 0; j < 32; j++) qsum += out[j];
+    } else {
+        int16_t *out = q;
+        for (int j = 0; j < 32; j++) out[j] = (int16_t)__builtin_rintf(v[j] * id);
+        for (int j = 0; j < 32; j++) qsum += out[j];
+    }
+    *d_out = d;
+    *sum_out = d * (float)qsum;
+    *isum_out = qsum;
+}
+
+static void quantize_rows(const float *x, int64_t M, int64_t K, int bits, q_rows *out) {
     for (int64_t i = 0; i < M * K / 32; i++) {
-        const float *v = x + 32 * i;
-        float amax = 0.0f;
-        for (int j = 0; j < 32; j++) {
-            const float a = v[j] < 0 ? -v[j] : v[j];
-            amax = a > amax ? a : amax;
-        }
-        const float d = amax / qmax, id = d != 0.0f ? 1.0f / d : 0.0f;
-        int32_t qsum = 0; /* the minimum's term uses the quantised values too: the product is then exactly the
-                             dequantised weights times the quantised activations (ggml's Q8_1 keeps d * sum q) */
-        for (int j = 0; j < 32; j++) {
-            const int32_t code = (int32_t)__builtin_roundf(v[j] * id);
-            qsum += code;
-            if (bits == 8)
-                ((int8_t *)out->q)[32 * i + j] = (int8_t)code;
-            else
-                ((int16_t *)out->q)[32 * i + j] = (int16_t)code;
-        }
-        out->d[i] = d;
-        out->sum[i] = d * (float)qsum;
+        if (bits == 8)
+            quantize_group(x + 32 * i, 8, (int8_t *)out->q + 32 * i, out->d + i, out->sum + i, out->isum + i);
+        else
+            quantize_group(x + 32 * i, 16, (int16_t *)out->q + 32 * i, out->d + i, out->sum + i, out->isum + i);
     }
 }
 
@@ -526,11 +535,133 @@ DEFINE_INT(q8_0, 32, 34, 0, 0)
 DEFINE_INT(q4_k, 256, 144, 0, 1)
 DEFINE_INT(q5_k, 256, 176, 0, 1)
 DEFINE_INT(q6_k, 256, 210, 1, 0)
+
+/* Decode (one x row) of the 32-weight formats whose group is one fp16 scale d and 32 codes, eight groups a pass.
+ * Per group only the integer dot product runs (the codes as they sit in the block: Q4_0's unsigned nibbles, its
+ * -8 applied once per group through x's code sum); the eight sums are then added across lanes together, and the
+ * scales d_w * d_x of the eight groups are one vector multiply. The per-group path above pays a scalar fp16
+ * conversion, a broadcast and a float multiply-add per 32 weights, which made Q4_0 compute-bound (~11 GB/s on
+ * two Zen 4 cores). */
+static inline __m256i dpwssd(__m256i acc, __m256i w, __m256i x) { /* acc + pairwise int16 products */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpwssd_epi32(acc, w, x);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpwssd_avx_epi32(acc, w, x);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x));
+#endif
+}
+
+static inline __m256i dpbusd(__m256i u, __m256i s) { /* 8 sums of 4 (unsigned byte u) * (signed byte s) */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else /* u <= 15 here, so the int16 pair sums of maddubs cannot saturate */
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+static inline __m256i load256(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+
+static inline __m256i dot16_words(__m256i lo, __m256i hi, const int16_t *x) { /* elements 0-15 and 16-31 */
+    return dpwssd(_mm256_madd_epi16(lo, load256(x)), hi, load256(x + 16));
+}
+
+static inline __m256i dot16_q4_0(const uint8_t *b, const int16_t *x) {
+    const __m256i raw = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(b + 2))); /* both nibbles a word */
+    return dot16_words(_mm256_and_si256(raw, _mm256_set1_epi16(15)), _mm256_srli_epi16(raw, 4), x);
+}
+
+static inline __m256i dot8_q4_0(const uint8_t *b, const int8_t *x) { return dpbusd(nibbles_32(b + 2), load256(x)); }
+
+static inline __m256i dot16_q8_0(const uint8_t *b, const int16_t *x) {
+    const __m256i lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 2)));
+    return dot16_words(lo, _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 18))), x);
+}
+
+static inline __m256i dot8_q8_0(const uint8_t *b, const int8_t *x) { return dot_s8(load256(b + 2), load256(x)); }
+
+static inline __m256i lane_sums8(const __m256i p[8]) { /* lane i = the sum of p[i]'s eight lanes */
+    const __m256i a = _mm256_hadd_epi32(p[0], p[1]), b = _mm256_hadd_epi32(p[2], p[3]);
+    const __m256i c = _mm256_hadd_epi32(p[4], p[5]), d = _mm256_hadd_epi32(p[6], p[7]);
+    const __m256i ab = _mm256_hadd_epi32(a, b), cd = _mm256_hadd_epi32(c, d); /* [0-3 low half | 0-3 high half] */
+    return _mm256_add_epi32(_mm256_permute2x128_si256(ab, cd, 0x20), _mm256_permute2x128_si256(ab, cd, 0x31));
+}
+
+static inline int32_t lane_sum(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1)));
+}
+
+static inline __m256 scales8(const uint8_t *b, int bytes) { /* the fp16 d at the start of eight blocks */
+#if defined(__AVX512VBMI__) && defined(__AVX512VL__)
+    if (7 * bytes + 2 <= 64) { /* the eight d's lie in 64 bytes: one byte permutation picks them */
+        const __m512i raw = _mm512_loadu_si512(b);
+        const __m512i at = _mm512_set_epi8(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            7 * bytes + 1, 7 * bytes, 6 * bytes + 1, 6 * bytes, 5 * bytes + 1, 5 * bytes, 4 * bytes + 1, 4 * bytes,
+            3 * bytes + 1, 3 * bytes, 2 * bytes + 1, 2 * bytes, bytes + 1, bytes, 1, 0);
+        return _mm256_cvtph_ps(_mm512_castsi512_si128(_mm512_permutexvar_epi8(at, raw)));
+    }
+    if (7 * bytes + 2 <= 128) { /* in 128 bytes: a permutation of two registers */
+        const __m512i lo = _mm512_loadu_si512(b), hi = _mm512_loadu_si512(b + 64);
+        const __m512i at = _mm512_set_epi8(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            7 * bytes + 1, 7 * bytes, 6 * bytes + 1, 6 * bytes, 5 * bytes + 1, 5 * bytes, 4 * bytes + 1, 4 * bytes,
+            3 * bytes + 1, 3 * bytes, 2 * bytes + 1, 2 * bytes, bytes + 1, bytes, 1, 0);
+        return _mm256_cvtph_ps(_mm512_castsi512_si128(_mm512_permutex2var_epi8(lo, at, hi)));
+    }
+#endif
+    const __m256i at = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bytes));
+    const __m256i words = _mm256_and_si256(_mm256_i32gather_epi32((const int *)b, at, 1), _mm256_set1_epi32(0xffff));
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(words, words), 0x08);
+    return _mm256_cvtph_ps(_mm256_castsi256_si128(packed));
+}
+
+/* y[n] for rows n0 <= n < n1 of W · x, x one row of codes; OFFSET is subtracted from every stored code. */
+#define DEFINE_GEMV(name, BYTES, OFFSET)                                                                         \
+    static inline __attribute__((always_inline)) float gemv_row_##name(const uint8_t *row, int64_t groups,      \
+                                                                       const q_rows *x, const int bits) {        \
+        __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};                                          \
+        int64_t g = 0;                                                                                          \
+        for (; g + 8 <= groups; g += 8) {                                                                       \
+            __m256i p[8];                                                                                       \
+            for (int i = 0; i < 8; i++)                                                                         \
+                p[i] = bits == 8 ? dot8_##name(row + (g + i) * BYTES, (const int8_t *)x->q + 32 * (g + i))      \
+                                 : dot16_##name(row + (g + i) * BYTES, (const int16_t *)x->q + 32 * (g + i));   \
+            __m256i sums = lane_sums8(p);                                                                       \
+            if (OFFSET) sums = _mm256_sub_epi32(sums, _mm256_mullo_epi32(load256(x->isum + g),                 \
+                                                                         _mm256_set1_epi32(OFFSET)));           \
+            const __m256 scale = _mm256_mul_ps(scales8(row + g * BYTES, BYTES), _mm256_loadu_ps(x->d + g));     \
+            acc[(g >> 3) & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[(g >> 3) & 1]);           \
+        }                                                                                                       \
+        float sum = hsum_ps(_mm256_add_ps(acc[0], acc[1]));                                                    \
+        for (; g < groups; g++) {                                                                               \
+            const __m256i p = bits == 8 ? dot8_##name(row + g * BYTES, (const int8_t *)x->q + 32 * g)           \
+                                        : dot16_##name(row + g * BYTES, (const int16_t *)x->q + 32 * g);        \
+            sum += read_fp16(row + g * BYTES) * x->d[g] * (float)(lane_sum(p) - OFFSET * x->isum[g]);           \
+        }                                                                                                       \
+        return sum;                                                                                             \
+    }                                                                                                           \
+    static void gemv_##name(const uint8_t *w, int64_t row_bytes, int64_t K, const q_rows *x, int bits,          \
+                            float *y, int64_t n0, int64_t n1) {                                                 \
+        for (int64_t n = n0; n < n1; n++)                                                                       \
+            y[n] = bits == 8 ? gemv_row_##name(w + n * row_bytes, K / 32, x, 8)                                 \
+                             : gemv_row_##name(w + n * row_bytes, K / 32, x, 16);                               \
+    }
+
+DEFINE_GEMV(q4_0, 18, 8)
+DEFINE_GEMV(q8_0, 34, 0)
+#define GEMV(name) gemv_##name
 #define INT(name) matmul_int_##name
 #else
 #define INT(name) 0
+#define GEMV(name) 0
 #endif
 
+typedef void (*int_gemv_fn)(const uint8_t *, int64_t, int64_t, const q_rows *, int, float *, int64_t, int64_t);
 typedef void (*int_matmul_fn)(const uint8_t *, int64_t, int64_t, const q_rows *, int, int64_t, float *, int64_t,
                               int64_t, int64_t);
 
@@ -543,20 +674,21 @@ typedef struct {
     matmul_fn matmul;
     rows_fn rows;
     int_matmul_fn matmul_int; /* int8 / int16 activations; 0 where the format or the CPU has none */
+    int_gemv_fn gemv_int;     /* the same for one x row, eight groups a pass; 0 where matmul_int serves it */
 } kernel_t;
 
 static const kernel_t KERNELS[] = {
-    {F32, 32, 128, matmul_f32, rows_f32, 0},
-    {F16, 32, 64, matmul_f16, rows_f16, 0},
-    {BF16, 32, 64, matmul_bf16, rows_bf16, 0},
-    {Q4_0, 32, 18, matmul_q4_0, rows_q4_0, INT(q4_0)},
-    {Q4_1, 32, 20, matmul_q4_1, rows_q4_1, INT(q4_1)},
-    {Q5_0, 32, 22, matmul_q5_0, rows_q5_0, INT(q5_0)},
-    {Q5_1, 32, 24, matmul_q5_1, rows_q5_1, INT(q5_1)},
-    {Q8_0, 32, 34, matmul_q8_0, rows_q8_0, INT(q8_0)},
-    {Q4_K, 256, 144, matmul_q4_k, rows_q4_k, INT(q4_k)},
-    {Q5_K, 256, 176, matmul_q5_k, rows_q5_k, INT(q5_k)},
-    {Q6_K, 256, 210, matmul_q6_k, rows_q6_k, INT(q6_k)},
+    {F32, 32, 128, matmul_f32, rows_f32, 0, 0},
+    {F16, 32, 64, matmul_f16, rows_f16, 0, 0},
+    {BF16, 32, 64, matmul_bf16, rows_bf16, 0, 0},
+    {Q4_0, 32, 18, matmul_q4_0, rows_q4_0, INT(q4_0), GEMV(q4_0)},
+    {Q4_1, 32, 20, matmul_q4_1, rows_q4_1, INT(q4_1), 0},
+    {Q5_0, 32, 22, matmul_q5_0, rows_q5_0, INT(q5_0), 0},
+    {Q5_1, 32, 24, matmul_q5_1, rows_q5_1, INT(q5_1), 0},
+    {Q8_0, 32, 34, matmul_q8_0, rows_q8_0, INT(q8_0), GEMV(q8_0)},
+    {Q4_K, 256, 144, matmul_q4_k, rows_q4_k, INT(q4_k), 0},
+    {Q5_K, 256, 176, matmul_q5_k, rows_q5_k, INT(q5_k), 0},
+    {Q6_K, 256, 210, matmul_q6_k, rows_q6_k, INT(q6_k), 0},
 };
 
 static int is_float(int type) { return type == F32 || type == F16 || type == BF16; } /* rows of any length */
@@ -615,14 +747,15 @@ int kiln_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t N, int64_
     if (!k || (K % k->block && !is_float(type))) return -1;
     if (threads < 1) threads = 1;
     if (N < 64 * threads) threads = 1; /* a thread team costs more than tiny matrices */
-    q_rows xq = {0, 0, 0};
+    q_rows xq = {0, 0, 0, 0};
     const int bits = (activation_bits == 8 || activation_bits == 16) && k->matmul_int ? activation_bits : 32;
     if (bits != 32) {
-        char *scratch = malloc((size_t)(M * K) * (bits / 8) + 2 * sizeof(float) * (size_t)(M * K / 32));
+        char *scratch = malloc((size_t)(M * K) * (bits / 8) + 3 * sizeof(float) * (size_t)(M * K / 32));
         if (!scratch) return -2;
         xq.d = (float *)scratch;
         xq.sum = xq.d + M * K / 32;
-        xq.q = xq.sum + M * K / 32;
+        xq.isum = (int32_t *)(xq.sum + M * K / 32);
+        xq.q = xq.isum + M * K / 32;
         quantize_rows(x, M, K, bits, &xq);
     }
 #ifdef _OPENMP
@@ -632,7 +765,9 @@ int kiln_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t N, int64_
         int64_t lo, hi;
         chunk(N, threads, t, 16, &lo, &hi);
         if (lo >= hi) continue;
-        if (bits != 32)
+        if (bits != 32 && M == 1 && k->gemv_int)
+            k->gemv_int(w, row_bytes, K, &xq, bits, y, lo, hi);
+        else if (bits != 32)
             k->matmul_int(w, row_bytes, K, &xq, bits, M, y, N, lo, hi);
         else
             k->matmul(w, row_bytes, K, x, M, y, N, lo, hi);
