@@ -54,6 +54,16 @@ def test_float32_products_match_the_dequantised_matmul(fmt, rows):
 
 
 @needs_compiler
+@pytest.mark.parametrize("fmt, cols", [("f16", 4096 + 40), ("bf16", 4096), ("q4_0", 4096 + 32), ("q6_k", 4096)])
+def test_wide_rows_four_a_pass_match_the_dequantised_matmul(fmt, cols):
+    """From 4096 columns one-row products read four weight rows a pass (cpu.c WIDE_X); 10 rows leave two over."""
+    matrix, dense = _matrix(fmt, rows=10, cols=cols)
+    x = torch.randn(1, cols, generator=torch.Generator().manual_seed(3))
+    got = ggml_matmul(x, matrix, CpuOptions(threads=1, activations="f32"))
+    torch.testing.assert_close(got, x @ dense.T, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
 @pytest.mark.parametrize("fmt", INTEGER_FORMATS)
 @pytest.mark.parametrize("activations, tolerance", [("i16", 1e-4), ("i8", 2e-2)])
 @pytest.mark.parametrize("rows", [1, 3])  # one row takes the eight-groups-a-pass decode kernel where a format has it
