@@ -18,7 +18,7 @@ from torch import nn
 
 from kilnlm.errors import KilnError
 from kilnlm.runtime.config import ModelConfig
-from kilnlm.runtime.models import model_class
+from kilnlm.runtime.models import model_class, on_meta
 
 
 class CalibrationError(KilnError):
@@ -92,7 +92,7 @@ class LayerRunner:
     def layer(self, index: int) -> nn.Module:
         """Block `index` with its float32 weights from the checkpoint; its `linear_groups` name the linears
         that share an input (quantization methods solve each group from one set of statistics)."""
-        with torch.device("meta"):
+        with on_meta():
             layer = self.family.make_block(self.config, index)
         for name, _ in list(layer.named_parameters()):
             tensor = self.checkpoint.tensor(f"layers.{index}.{name}").to(self.device, torch.float32)

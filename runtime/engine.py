@@ -36,7 +36,7 @@ from kilnlm.runtime.chat import ChatTemplate
 from kilnlm.runtime.config import ModelConfig
 from kilnlm.runtime.generate import GenerationParams, GenerationStats, Generator
 from kilnlm.runtime.grammar import Grammar, GrammarVocabulary, TokenConstraint
-from kilnlm.runtime.models import build_model, model_class
+from kilnlm.runtime.models import build_model, model_class, on_meta
 from kilnlm.runtime.models.quantized_linear import keeps_packed
 from kilnlm.kernels.cpu import CpuOptions
 from kilnlm.runtime.onnx_decoder import is_onnx_folder, load_onnx_folder
@@ -182,7 +182,7 @@ class Engine:
         if device.type == "cuda" and context_length is None:  # the largest context that fits, before allocating
             context_length = _plan(checkpoint, str(path), device, model_dtype, None, parallel, packed, None,
                                    kv_options["k_type"], kv_options["v_type"]).context_length
-        with torch.device("meta"):  # refuse bad cache options before the (slow) weights load, allocating nothing
+        with on_meta():  # refuse bad cache options before the (slow) weights load, allocating nothing
             model_class(config)(config).new_cache(1, **kv_options)
         if parallel > 1 and set(config.layer_kinds()) != {"attention"}:
             raise KilnError(f"{path}: parallel generation batches attention models over the paged cache; "

@@ -58,6 +58,32 @@ def test_packed_weights_take_the_files_bytes(gguf_file):
     assert ratio < 0.75
 
 
+def test_loading_builds_the_model_without_torch_compile_machinery(demo_gguf):
+    """Modules are built on the meta device without their random init (runtime.models.on_meta): torch's meta
+    kernels of normal_ / uniform_ import torch._dynamo and sympy, ~150 MiB of resident memory for a CPU app."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from kilnlm import Engine; Engine.load(sys.argv[1], progress=False); "
+              "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script, str(demo_gguf("q4_0"))], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_meta_modules_keep_their_shapes_and_real_ones_their_init():
+    from kilnlm.runtime.models import on_meta
+
+    with on_meta():
+        meta = torch.nn.Linear(64, 32)
+    assert meta.weight.is_meta and meta.weight.shape == (32, 64)
+    with on_meta():  # a real tensor made inside still gets its values
+        real = torch.nn.init.normal_(torch.zeros(1000, device="cpu"))
+    assert real.std() > 0.5
+    assert not torch.empty(1).is_meta  # the context ended
+
+
 def _file_ratio(path) -> float:
     import gguf
 
