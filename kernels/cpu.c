@@ -646,7 +646,7 @@ static inline __m256 scales8(const uint8_t *b, int bytes) { /* the fp16 d at the
     return _mm256_cvtph_ps(_mm256_castsi256_si128(packed));
 }
 
-/* y[n] for rows n0 <= n < n1 of W · x, x one row of codes; OFFSET is subtracted from every stored code. */
+/* One row of W · x, x one row of codes; OFFSET is subtracted from every stored code. */
 #define DEFINE_GEMV(name, BYTES, OFFSET)                                                                         \
     static inline __attribute__((always_inline)) float gemv_row_##name(const uint8_t *row, int64_t groups,      \
                                                                        const q_rows *x, const int bits) {        \
@@ -670,7 +670,107 @@ static inline __m256 scales8(const uint8_t *b, int bytes) { /* the fp16 d at the
             sum += read_fp16(row + g * BYTES) * x->d[g] * (float)(lane_sum(p) - OFFSET * x->isum[g]);           \
         }                                                                                                       \
         return sum;                                                                                             \
-    }                                                                                                           \
+    }
+
+/* Q4_K: a 256-weight block is eight groups of 32 with 6-bit scales and minimums (d * sc * q - dmin * m), so one
+ * block is one pass: eight integer dots, one lane reduction, the sixteen 6-bit values unpacked as two vectors. */
+static inline __m256i dot16_q4_k(const uint8_t *b, int g, const int16_t *x) {
+    const uint8_t *q = b + 16 + 32 * (g / 2);
+    const __m256i lo = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)q));
+    const __m256i hi = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(q + 16)));
+    if (g & 1) return dot16_words(_mm256_srli_epi16(lo, 4), _mm256_srli_epi16(hi, 4), x);
+    const __m256i low4 = _mm256_set1_epi16(15);
+    return dot16_words(_mm256_and_si256(lo, low4), _mm256_and_si256(hi, low4), x);
+}
+
+static inline __m256i dot8_q4_k(const uint8_t *b, int g, const int8_t *x) {
+    return dpbusd(shifted_nibbles(b + 16 + 32 * (g / 2), 4 * (g & 1)), load256(x));
+}
+
+static inline void scales_mins_k4(const uint8_t *q, __m256 *scales, __m256 *mins) { /* scale_min_k4 for j < 8 */
+    uint32_t u[3], packed[4];
+    memcpy(u, q, 12);
+    const uint32_t six = 0x3f3f3f3fu, four = 0x0f0f0f0fu, two = 0x03030303u;
+    packed[0] = u[0] & six;                                          /* scales 0-3 */
+    packed[1] = (u[2] & four) | (((u[0] >> 6) & two) << 4);          /* scales 4-7 */
+    packed[2] = u[1] & six;                                          /* minimums 0-3 */
+    packed[3] = ((u[2] >> 4) & four) | (((u[1] >> 6) & two) << 4);   /* minimums 4-7 */
+    *scales = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)packed)));
+    *mins = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(packed + 2))));
+}
+
+static inline __attribute__((always_inline)) float gemv_row_q4_k(const uint8_t *row, int64_t groups,
+                                                                 const q_rows *x, const int bits) {
+    __m256 acc = _mm256_setzero_ps(), corr = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g += 8) {
+        const uint8_t *b = row + g / 8 * 144;
+        __m256i p[8];
+        for (int i = 0; i < 8; i++)
+            p[i] = bits == 8 ? dot8_q4_k(b, i, (const int8_t *)x->q + 32 * (g + i))
+                             : dot16_q4_k(b, i, (const int16_t *)x->q + 32 * (g + i));
+        __m256 scales, mins;
+        scales_mins_k4(b + 4, &scales, &mins);
+        const __m256 scale = _mm256_mul_ps(_mm256_mul_ps(scales, _mm256_set1_ps(read_fp16(b))), _mm256_loadu_ps(x->d + g));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lane_sums8(p)), scale, acc);
+        corr = _mm256_fmadd_ps(_mm256_mul_ps(mins, _mm256_set1_ps(read_fp16(b + 2))), _mm256_loadu_ps(x->sum + g), corr);
+    }
+    return hsum_ps(_mm256_sub_ps(acc, corr));
+}
+
+/* Q6_K: sixteen 16-weight sub-blocks with int8 scales, codes q - 32 (int16 here, signed bytes for int8 x). */
+static inline __m256i q6_k_codes(const uint8_t *b, int g) { /* 32 signed bytes q - 32 of group g (i8_q6_k's) */
+    const int half = g / 4, quarter = g % 4;
+    const __m256i low = shifted_nibbles(b + 64 * half + 32 * (quarter & 1), 4 * (quarter >> 1));
+    const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * half));
+    const __m256i high = _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qh, 2 * quarter), 4),
+                                          _mm256_set1_epi8(0x30));
+    return _mm256_sub_epi8(_mm256_or_si256(low, high), _mm256_set1_epi8(32));
+}
+
+static inline __attribute__((always_inline)) float gemv_row_q6_k(const uint8_t *row, int64_t groups,
+                                                                 const q_rows *x, const int bits) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g += 8) {
+        const uint8_t *b = row + g / 8 * 210;
+        const __m128i sc = _mm_loadu_si128((const __m128i *)(b + 192)); /* 16 int8 scales, sub-blocks in order */
+        const __m256 d = _mm256_set1_ps(read_fp16(b + 208));
+        const __m256 dx = _mm256_loadu_ps(x->d + g);                    /* one per group: two sub-blocks each */
+        if (bits == 8) {  /* dpbusd lanes 0-3 sum bytes 0-15 (sub-block 2i), lanes 4-7 bytes 16-31 (2i + 1) */
+            __m256i p[8];
+            for (int i = 0; i < 8; i++)
+                p[i] = dot_s8(q6_k_codes(b, i), load256((const int8_t *)x->q + 32 * (g + i)));
+            for (int h = 0; h < 2; h++) {  /* groups 4h..4h+3: [even sub-blocks | odd sub-blocks] */
+                const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4 * h], p[4 * h + 1]),
+                                                    _mm256_hadd_epi32(p[4 * h + 2], p[4 * h + 3]));
+                const __m256i order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+                const __m256 scale = _mm256_cvtepi32_ps(_mm256_permutevar8x32_epi32(
+                    _mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8 * h)), order));
+                const __m256 dxs = _mm256_permutevar8x32_ps(dx, _mm256_setr_epi32(4 * h, 4 * h + 1, 4 * h + 2, 4 * h + 3,
+                                                                                  4 * h, 4 * h + 1, 4 * h + 2, 4 * h + 3));
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(_mm256_mul_ps(scale, d), dxs), acc);
+            }
+            continue;
+        }
+        __m256i p[16];  /* one per sub-block: its 16 int16 products summed in pairs */
+        for (int i = 0; i < 8; i++) {
+            const __m256i q = q6_k_codes(b, i);
+            const int16_t *xq = (const int16_t *)x->q + 32 * (g + i);
+            p[2 * i] = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)), load256(xq));
+            p[2 * i + 1] = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1)), load256(xq + 16));
+        }
+        for (int h = 0; h < 2; h++) {  /* sub-blocks 8h..8h+7: groups 4h..4h+3 */
+            const __m256 scale = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8 * h)));
+            const __m256 dxs = _mm256_permutevar8x32_ps(dx, _mm256_setr_epi32(4 * h, 4 * h, 4 * h + 1, 4 * h + 1,
+                                                                              4 * h + 2, 4 * h + 2, 4 * h + 3, 4 * h + 3));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lane_sums8(p + 8 * h)), _mm256_mul_ps(_mm256_mul_ps(scale, d), dxs),
+                                  acc);
+        }
+    }
+    return hsum_ps(acc);
+}
+
+/* y[n] for rows n0 <= n < n1, the int8 and int16 cases compiled apart (the row functions are inlined). */
+#define DEFINE_GEMV_ROWS(name)                                                                                   \
     static void gemv_##name(const uint8_t *w, int64_t row_bytes, int64_t K, const q_rows *x, int bits,          \
                             float *y, int64_t n0, int64_t n1) {                                                 \
         for (int64_t n = n0; n < n1; n++)                                                                       \
@@ -680,6 +780,10 @@ static inline __m256 scales8(const uint8_t *b, int bytes) { /* the fp16 d at the
 
 DEFINE_GEMV(q4_0, 18, 8)
 DEFINE_GEMV(q8_0, 34, 0)
+DEFINE_GEMV_ROWS(q4_0)
+DEFINE_GEMV_ROWS(q8_0)
+DEFINE_GEMV_ROWS(q4_k)
+DEFINE_GEMV_ROWS(q6_k)
 #define GEMV(name) gemv_##name
 #define INT(name) matmul_int_##name
 #else
@@ -712,9 +816,9 @@ static const kernel_t KERNELS[] = {
     {Q5_0, 32, 22, matmul_q5_0, rows_q5_0, INT(q5_0), 0},
     {Q5_1, 32, 24, matmul_q5_1, rows_q5_1, INT(q5_1), 0},
     {Q8_0, 32, 34, matmul_q8_0, rows_q8_0, INT(q8_0), GEMV(q8_0)},
-    {Q4_K, 256, 144, matmul_q4_k, rows_q4_k, INT(q4_k), 0},
+    {Q4_K, 256, 144, matmul_q4_k, rows_q4_k, INT(q4_k), GEMV(q4_k)},
     {Q5_K, 256, 176, matmul_q5_k, rows_q5_k, INT(q5_k), 0},
-    {Q6_K, 256, 210, matmul_q6_k, rows_q6_k, INT(q6_k), 0},
+    {Q6_K, 256, 210, matmul_q6_k, rows_q6_k, INT(q6_k), GEMV(q6_k)},
 };
 
 static int is_float(int type) { return type == F32 || type == F16 || type == BF16; } /* rows of any length */
