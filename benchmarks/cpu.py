@@ -2,6 +2,7 @@
 
     python benchmarks/cpu.py --workdir /tmp/cpu-bench               # 155M and 1B-shaped Llamas, F16 / Q8_0 / Q4_0
     python benchmarks/cpu.py --shapes 155m --types q4_0 --threads 2
+    python benchmarks/cpu.py --shapes 1b --types q4_0,q4_k_m --cpu-activations i8   # llama.cpp's Q8 activations
     python benchmarks/cpu.py --kernels                              # one layer's matmuls: the measured alternatives
 
 Files are written once into --workdir by kilnlm's own GGUF writer from random weights (a model's speed does not
@@ -98,7 +99,8 @@ def rss_mib() -> float:
     return 0.0
 
 
-def measure_kilnlm(path: Path, threads: int, prompt_tokens: int, new_tokens: int, kv_type: str) -> dict:
+def measure_kilnlm(path: Path, threads: int, prompt_tokens: int, new_tokens: int, kv_type: str,
+                   activations: str = "i16") -> dict:
     from kilnlm import Engine
     from kilnlm.kernels.cpu import kernel_status
     from kilnlm.runtime.bench import measure_bandwidth, run_bench, weight_bytes_per_token
@@ -106,7 +108,7 @@ def measure_kilnlm(path: Path, threads: int, prompt_tokens: int, new_tokens: int
     torch.set_num_threads(threads)
     rss_base = rss_mib()  # the interpreter with torch and kilnlm imported, before any weight
     started = time.perf_counter()
-    engine = Engine.load(path, threads=threads, kv_type=kv_type, progress=False)
+    engine = Engine.load(path, threads=threads, kv_type=kv_type, cpu_activations=activations, progress=False)
     load_s, rss_load = time.perf_counter() - started, rss_mib()
     result = run_bench(engine.model, prompt_tokens=prompt_tokens, new_tokens=new_tokens, bandwidth=False,
                        kv_options={"k_type": kv_type, "v_type": kv_type})
@@ -116,7 +118,8 @@ def measure_kilnlm(path: Path, threads: int, prompt_tokens: int, new_tokens: int
                 bandwidth=measure_bandwidth(torch.device("cpu")), kernels=kernel_status().compiled)
 
 
-def measure_llama_cpp(path: Path, threads: int, prompt_tokens: int, new_tokens: int, kv_type: str) -> dict:
+def measure_llama_cpp(path: Path, threads: int, prompt_tokens: int, new_tokens: int, kv_type: str,
+                      activations: str = "i16") -> dict:  # llama.cpp's CPU backend always takes Q8 activations
     import numpy as np
     from llama_cpp import Llama
 
@@ -151,7 +154,8 @@ def measure_llama_cpp(path: Path, threads: int, prompt_tokens: int, new_tokens: 
 def run_isolated(runtime: str, path: Path, args) -> dict | None:
     """One measurement in a fresh interpreter (clean RSS); None when that runtime is not installed."""
     command = [sys.executable, __file__, "--measure", runtime, str(path), "--threads", str(args.threads),
-               "--prompt", str(args.prompt), "--new", str(args.new), "--kv-type", args.kv_type]
+               "--prompt", str(args.prompt), "--new", str(args.new), "--kv-type", args.kv_type,
+               "--cpu-activations", args.cpu_activations]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         if "No module named 'llama_cpp'" in done.stderr:
@@ -245,6 +249,8 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--kv-type", choices=tuple(GGML_TYPES), default="f16",
                         help="KV cache element type of both runtimes (default: f16, llama.cpp's default)")
+    parser.add_argument("--cpu-activations", choices=("i16", "i8", "f32"), default="i16",
+                        help="kilnlm's decode products (default i16; i8 is llama.cpp's Q8 activations)")
     parser.add_argument("--kernels", action="store_true", help="time the matmul alternatives instead")
     parser.add_argument("--dry-run", action="store_true", help="tiny shape and lengths: checks the harness")
     parser.add_argument("--measure", nargs=2, metavar=("RUNTIME", "FILE"), help=argparse.SUPPRESS)
@@ -252,7 +258,7 @@ def main() -> None:
     if args.measure:
         runtime, path = args.measure
         measure = measure_kilnlm if runtime == "kilnlm" else measure_llama_cpp
-        print(json.dumps(measure(Path(path), args.threads, args.prompt, args.new, args.kv_type)))
+        print(json.dumps(measure(Path(path), args.threads, args.prompt, args.new, args.kv_type, args.cpu_activations)))
         return
     if args.kernels:
         kernel_alternatives(args.threads)
@@ -261,8 +267,8 @@ def main() -> None:
         args.shapes, args.prompt, args.new = "tiny", 16, 8
     args.workdir.mkdir(parents=True, exist_ok=True)
     files = write_files(args.workdir, args.shapes.split(","), args.types.split(","))
-    print(f"threads {args.threads}, prompt {args.prompt}, decode {args.new}, {args.kv_type} KV cache; "
-          f"{os.cpu_count()} CPUs\n")
+    print(f"threads {args.threads}, prompt {args.prompt}, decode {args.new}, {args.kv_type} KV cache, kilnlm "
+          f"{args.cpu_activations} activations; {os.cpu_count()} CPUs\n")
     rows = []
     for path in files:
         ours = run_isolated("kilnlm", path, args)

@@ -699,23 +699,38 @@ static inline void scales_mins_k4(const uint8_t *q, __m256 *scales, __m256 *mins
     *mins = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(packed + 2))));
 }
 
-static inline __attribute__((always_inline)) float gemv_row_q4_k(const uint8_t *row, int64_t groups,
-                                                                 const q_rows *x, const int bits) {
-    __m256 acc = _mm256_setzero_ps(), corr = _mm256_setzero_ps();
-    for (int64_t g = 0; g < groups; g += 8) {
-        const uint8_t *b = row + g / 8 * 144;
-        __m256i p[8];
-        for (int i = 0; i < 8; i++)
-            p[i] = bits == 8 ? dot8_q4_k(b, i, (const int8_t *)x->q + 32 * (g + i))
-                             : dot16_q4_k(b, i, (const int16_t *)x->q + 32 * (g + i));
-        __m256 scales, mins;
-        scales_mins_k4(b + 4, &scales, &mins);
-        const __m256 scale = _mm256_mul_ps(_mm256_mul_ps(scales, _mm256_set1_ps(read_fp16(b))), _mm256_loadu_ps(x->d + g));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lane_sums8(p)), scale, acc);
-        corr = _mm256_fmadd_ps(_mm256_mul_ps(mins, _mm256_set1_ps(read_fp16(b + 2))), _mm256_loadu_ps(x->sum + g), corr);
-    }
-    return hsum_ps(_mm256_sub_ps(acc, corr));
+/* Q5_K: Q4_K's layout with a fifth bit per weight (qh) before the nibbles; codes 0-31 as unsigned bytes. */
+static inline __m256i dot16_q5_k(const uint8_t *b, int g, const int16_t *x) {
+    const __m256i codes = i8_q5_k(b, g).w;
+    return dot16_words(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(codes)),
+                       _mm256_cvtepu8_epi16(_mm256_extracti128_si256(codes, 1)), x);
 }
+
+static inline __m256i dot8_q5_k(const uint8_t *b, int g, const int8_t *x) { return dpbusd(i8_q5_k(b, g).w, load256(x)); }
+
+#define DEFINE_GEMV_K(name, BYTES) /* the K-quants of eight 32-weight groups with 6-bit scales and minimums */  \
+    static inline __attribute__((always_inline)) float gemv_row_##name(const uint8_t *row, int64_t groups,      \
+                                                                       const q_rows *x, const int bits) {        \
+        __m256 acc = _mm256_setzero_ps(), corr = _mm256_setzero_ps();                                          \
+        for (int64_t g = 0; g < groups; g += 8) {                                                               \
+            const uint8_t *b = row + g / 8 * BYTES;                                                             \
+            __m256i p[8];                                                                                       \
+            for (int i = 0; i < 8; i++)                                                                         \
+                p[i] = bits == 8 ? dot8_##name(b, i, (const int8_t *)x->q + 32 * (g + i))                       \
+                                 : dot16_##name(b, i, (const int16_t *)x->q + 32 * (g + i));                    \
+            __m256 scales, mins;                                                                                \
+            scales_mins_k4(b + 4, &scales, &mins);                                                              \
+            const __m256 scale = _mm256_mul_ps(_mm256_mul_ps(scales, _mm256_set1_ps(read_fp16(b))),            \
+                                               _mm256_loadu_ps(x->d + g));                                      \
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lane_sums8(p)), scale, acc);                               \
+            corr = _mm256_fmadd_ps(_mm256_mul_ps(mins, _mm256_set1_ps(read_fp16(b + 2))),                      \
+                                   _mm256_loadu_ps(x->sum + g), corr);                                          \
+        }                                                                                                       \
+        return hsum_ps(_mm256_sub_ps(acc, corr));                                                               \
+    }
+
+DEFINE_GEMV_K(q4_k, 144)
+DEFINE_GEMV_K(q5_k, 176)
 
 /* Q6_K: sixteen 16-weight sub-blocks with int8 scales, codes q - 32 (int16 here, signed bytes for int8 x). */
 static inline __m256i q6_k_codes(const uint8_t *b, int g) { /* 32 signed bytes q - 32 of group g (i8_q6_k's) */
@@ -783,6 +798,7 @@ DEFINE_GEMV(q8_0, 34, 0)
 DEFINE_GEMV_ROWS(q4_0)
 DEFINE_GEMV_ROWS(q8_0)
 DEFINE_GEMV_ROWS(q4_k)
+DEFINE_GEMV_ROWS(q5_k)
 DEFINE_GEMV_ROWS(q6_k)
 #define GEMV(name) gemv_##name
 #define INT(name) matmul_int_##name
@@ -817,7 +833,7 @@ static const kernel_t KERNELS[] = {
     {Q5_1, 32, 24, matmul_q5_1, rows_q5_1, INT(q5_1), 0},
     {Q8_0, 32, 34, matmul_q8_0, rows_q8_0, INT(q8_0), GEMV(q8_0)},
     {Q4_K, 256, 144, matmul_q4_k, rows_q4_k, INT(q4_k), GEMV(q4_k)},
-    {Q5_K, 256, 176, matmul_q5_k, rows_q5_k, INT(q5_k), 0},
+    {Q5_K, 256, 176, matmul_q5_k, rows_q5_k, INT(q5_k), GEMV(q5_k)},
     {Q6_K, 256, 210, matmul_q6_k, rows_q6_k, INT(q6_k), GEMV(q6_k)},
 };
 
