@@ -317,7 +317,7 @@ DEFINE_TYPE(q4_k, 256, 144, no_elem)
 DEFINE_TYPE(q5_k, 256, 176, no_elem)
 DEFINE_TYPE(q6_k, 256, 210, no_elem)
 
-/* ------------------------------ integer activations (llama.cpp's way, or finer), x86 with AVX2 and FMA only */
+/* ------------------------ integer activations (llama.cpp's way, or finer), x86 with AVX2, FMA and F16C only */
 
 /* x is quantised per 32 values with a float scale, to int8 (ggml's Q8_0: d = max|x| / 127, q = round(x / d), as
  * llama.cpp's CPU backend does) or int16 (d = max|x| / 32767), and each group of 32 weights becomes int8 codes
@@ -339,7 +339,10 @@ static inline __attribute__((always_inline)) void quantize_group(const float *v,
                                                                  float *sum_out, int32_t *isum_out) {
     const float qmax = bits == 8 ? 127.0f : 32767.0f;
     float amax = 0.0f;
-    for (int j = 0; j < 32; j++) amax = __builtin_fmaxf(amax, __builtin_fabsf(v[j]));
+    for (int j = 0; j < 32; j++) { /* a compare, not fmaxf (a libm call for its NaN rules), so it vectorises */
+        const float a = __builtin_fabsf(v[j]);
+        amax = a > amax ? a : amax;
+    }
     const float d = amax / qmax, id = d != 0.0f ? 1.0f / d : 0.0f;
     int32_t qsum = 0; /* the minimum's term uses the quantised values too: the product is then exactly the
                          dequantised weights times the quantised activations (ggml's Q8_1 keeps d * sum q) */
@@ -366,7 +369,7 @@ static void quantize_rows(const float *x, int64_t M, int64_t K, int bits, q_rows
     }
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 
 /* 8 int32 partial sums of w · x over 32 signed bytes (lanes 0-3 cover bytes 0-15, lanes 4-7 bytes 16-31). */
 static inline __m256i dot_s8(__m256i w, __m256i x) {
@@ -623,15 +626,7 @@ static inline int32_t lane_sum(__m256i v) {
 
 static inline __m256 scales8(const uint8_t *b, int bytes) { /* the fp16 d at the start of eight blocks */
 #if defined(__AVX512VBMI__) && defined(__AVX512VL__)
-    if (7 * bytes + 2 <= 64) { /* the eight d's lie in 64 bytes: one byte permutation picks them */
-        const __m512i raw = _mm512_loadu_si512(b);
-        const __m512i at = _mm512_set_epi8(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-            7 * bytes + 1, 7 * bytes, 6 * bytes + 1, 6 * bytes, 5 * bytes + 1, 5 * bytes, 4 * bytes + 1, 4 * bytes,
-            3 * bytes + 1, 3 * bytes, 2 * bytes + 1, 2 * bytes, bytes + 1, bytes, 1, 0);
-        return _mm256_cvtph_ps(_mm512_castsi512_si128(_mm512_permutexvar_epi8(at, raw)));
-    }
-    if (7 * bytes + 2 <= 128) { /* in 128 bytes: a permutation of two registers */
+    if (7 * bytes + 2 <= 128) { /* the eight d's lie in 128 bytes (Q4_0's): one permutation of two registers */
         const __m512i lo = _mm512_loadu_si512(b), hi = _mm512_loadu_si512(b + 64);
         const __m512i at = _mm512_set_epi8(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
             0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
