@@ -92,9 +92,10 @@ def _add_cpu_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for the packed-weight kernels and torch (default: the physical cores)")
     parser.add_argument("--cpu-activations", choices=("i16", "i8", "f32"), default="i16",
-                        help="how CPU decode multiplies block formats: i16 quantizes each matmul's input to int16 "
-                             "per 32 values (outputs within ~2e-5 of f32's), i8 to int8 as llama.cpp does (a little "
-                             "faster, ~5e-3), f32 keeps float32 products (slowest) (default: i16)")
+                        help="how a CPU decode step of one sequence multiplies block formats: i16 quantizes each "
+                             "matmul's input to int16 per 32 values (outputs within ~2e-5 of f32's), i8 to int8 as "
+                             "llama.cpp does (faster, ~5e-3), f32 keeps float32 products (slowest); batches and "
+                             "prompts always take float32 products (default: i16)")
 
 
 def _add_cache_options(parser: argparse.ArgumentParser) -> None:

@@ -319,18 +319,18 @@ DEFINE_TYPE(q6_k, 256, 210, no_elem)
 
 /* ------------------------ integer activations (llama.cpp's way, or finer), x86 with AVX2, FMA and F16C only */
 
-/* x is quantised per 32 values with a float scale, to int8 (ggml's Q8_0: d = max|x| / 127, q = round(x / d), as
- * llama.cpp's CPU backend does) or int16 (d = max|x| / 32767), and each group of 32 weights becomes int8 codes
- * times one or two float scales (plus a float minimum for the d * q + m formats), so a group's dot product is a
- * few integer instructions (VNNI vpdpbusd or maddubs + madd for int8, madd for int16) instead of 32 float
- * multiply-adds. Matmul outputs move by about 5e-3 (int8) or 2e-5 (int16) of their largest value; the float32
- * path above stays for exact products and for other CPUs. */
+/* A decode step's x row is quantised per 32 values with a float scale, to int8 (ggml's Q8_0: d = max|x| / 127,
+ * q = round(x / d), as llama.cpp's CPU backend does) or int16 (d = max|x| / 32767), and the weights' codes stay
+ * integers with their block scales (and minimums) applied per group, so a group's dot product is a few integer
+ * instructions (VNNI vpdpbusd / vpdpwssd, or maddubs / madd) instead of 32 float multiply-adds. Matmul outputs
+ * move by about 5e-3 (int8) or 2e-5 (int16) of their largest value; the float32 path above stays for exact
+ * products, several x rows and other CPUs. */
 typedef struct {
-    void *q;     /* (M, K) codes: int8 or int16 */
-    float *d;    /* (M, K / 32) scales */
-    float *sum;  /* (M, K / 32) d * sum of q (for the minimum of d * q + m formats) */
-    int32_t *isum; /* (M, K / 32) sum of q (for formats stored with an offset: Q4_0's q - 8) */
-} q_rows;
+    void *q;       /* K codes: int8 or int16 */
+    float *d;      /* K / 32 scales */
+    float *sum;    /* K / 32 values d * sum of q (for the minimum of d * q + m formats) */
+    int32_t *isum; /* K / 32 sums of q (for formats stored with an offset: Q4_0's q - 8) */
+} q_row;
 
 /* x per 32 values as d * q with q = round(x / d) (to nearest even, as ggml's AVX code rounds), d = max|x| / qmax:
  * int8 (qmax 127, ggml's Q8_0) or int16. rintf, unlike roundf, is one instruction, so the loops vectorise: this
@@ -360,8 +360,8 @@ static inline __attribute__((always_inline)) void quantize_group(const float *v,
     *isum_out = qsum;
 }
 
-static void quantize_rows(const float *x, int64_t M, int64_t K, int bits, q_rows *out) {
-    for (int64_t i = 0; i < M * K / 32; i++) {
+static void quantize_row(const float *x, int64_t K, int bits, q_row *out) {
+    for (int64_t i = 0; i < K / 32; i++) {
         if (bits == 8)
             quantize_group(x + 32 * i, 8, (int8_t *)out->q + 32 * i, out->d + i, out->sum + i, out->isum + i);
         else
@@ -383,14 +383,6 @@ static inline __m256i dot_s8(__m256i w, __m256i x) {
 #endif
 }
 
-/* The same with int16 activations: two vectors of 8 int32 sums, for elements 0-15 and 16-31. */
-static inline void dot_s16(__m256i w, const int16_t *x, __m256i *lo, __m256i *hi) {
-    const __m256i w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w));
-    const __m256i w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w, 1));
-    *lo = _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)x));
-    *hi = _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(x + 16)));
-}
-
 static inline __m256i nibbles_32(const uint8_t *p) { /* 16 bytes -> low nibbles (elements 0-15), high (16-31) */
     const __m128i raw = _mm_loadu_si128((const __m128i *)p);
     return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0f));
@@ -405,75 +397,19 @@ static inline __m256i bits_32(const uint8_t *p) { /* 32 bits -> byte i = 16 if b
     return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, mask), mask), _mm256_set1_epi8(16));
 }
 
-/* A group of 32 weights as int8 codes w (value = scale * w + min), scale0 for elements 0-15, scale1 for 16-31. */
-typedef struct {
-    __m256i w;
-    float scale0, scale1, min;
-} i8_group;
-
-static inline i8_group i8_q4_0(const uint8_t *b, int g) {
-    b += 18 * g;
-    const float d = read_fp16(b);
-    return (i8_group){_mm256_sub_epi8(nibbles_32(b + 2), _mm256_set1_epi8(8)), d, d, 0.0f};
-}
-
-static inline i8_group i8_q4_1(const uint8_t *b, int g) {
-    b += 20 * g;
-    const float d = read_fp16(b);
-    return (i8_group){nibbles_32(b + 4), d, d, read_fp16(b + 2)};
-}
-
-static inline i8_group i8_q5_0(const uint8_t *b, int g) {
-    b += 22 * g;
-    const float d = read_fp16(b);
-    const __m256i q = _mm256_or_si256(nibbles_32(b + 6), bits_32(b + 2));
-    return (i8_group){_mm256_sub_epi8(q, _mm256_set1_epi8(16)), d, d, 0.0f};
-}
-
-static inline i8_group i8_q5_1(const uint8_t *b, int g) {
-    b += 24 * g;
-    const float d = read_fp16(b);
-    return (i8_group){_mm256_or_si256(nibbles_32(b + 8), bits_32(b + 4)), d, d, read_fp16(b + 2)};
-}
-
-static inline i8_group i8_q8_0(const uint8_t *b, int g) {
-    b += 34 * g;
-    const float d = read_fp16(b);
-    return (i8_group){_mm256_loadu_si256((const __m256i *)(b + 2)), d, d, 0.0f};
-}
+/* 32 codes of a group as unsigned bytes: nibbles plus, for the 5-bit formats, the fifth bit as 16. */
+static inline __m256i q5_0_codes(const uint8_t *b) { return _mm256_or_si256(nibbles_32(b + 6), bits_32(b + 2)); }
+static inline __m256i q5_1_codes(const uint8_t *b) { return _mm256_or_si256(nibbles_32(b + 8), bits_32(b + 4)); }
 
 static inline __m256i shifted_nibbles(const uint8_t *p, int shift) { /* 32 bytes -> (byte >> shift) & 15 */
     const __m256i raw = _mm256_loadu_si256((const __m256i *)p);
     return _mm256_and_si256(_mm256_srli_epi16(raw, shift), _mm256_set1_epi8(0x0f));
 }
 
-static inline i8_group i8_q4_k(const uint8_t *b, int g) {
-    float sc, m;
-    scale_min_k4(g, b + 4, &sc, &m);
-    const float d = read_fp16(b) * sc;
-    return (i8_group){shifted_nibbles(b + 16 + 32 * (g / 2), 4 * (g & 1)), d, d, -(read_fp16(b + 2) * m)};
-}
-
-static inline i8_group i8_q5_k(const uint8_t *b, int g) {
-    float sc, m;
-    scale_min_k4(g, b + 4, &sc, &m);
-    const float d = read_fp16(b) * sc;
+static inline __m256i q5_k_codes(const uint8_t *b, int g) { /* group g of a Q5_K block */
     const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 16));
     const __m256i high = _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qh, g), 4), _mm256_set1_epi8(16));
-    return (i8_group){_mm256_or_si256(shifted_nibbles(b + 48 + 32 * (g / 2), 4 * (g & 1)), high), d, d,
-                      -(read_fp16(b + 2) * m)};
-}
-
-static inline i8_group i8_q6_k(const uint8_t *b, int g) {
-    const int half = g / 4, quarter = g % 4;
-    const float d = read_fp16(b + 208);
-    const int8_t *sc = (const int8_t *)(b + 192) + 8 * half + 2 * quarter;
-    const __m256i low = shifted_nibbles(b + 64 * half + 32 * (quarter & 1), 4 * (quarter >> 1));
-    const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * half));
-    const __m256i high = _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qh, 2 * quarter), 4),
-                                          _mm256_set1_epi8(0x30));
-    const __m256i q = _mm256_sub_epi8(_mm256_or_si256(low, high), _mm256_set1_epi8(32));
-    return (i8_group){q, d * sc[0], d * sc[1], 0.0f};
+    return _mm256_or_si256(shifted_nibbles(b + 48 + 32 * (g / 2), 4 * (g & 1)), high);
 }
 
 static inline float hsum_ps(__m256 v) {
@@ -483,87 +419,6 @@ static inline float hsum_ps(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* One group's contribution to acc with int8 (BITS 8) or int16 (BITS 16) activations. */
-static inline __attribute__((always_inline)) __m256 int_group(i8_group wg, const q_rows *x, int64_t xj, int bits,
-                                                              int two_scales, __m256 acc) {
-    const float dx = x->d[xj];
-    if (bits == 8) {
-        const __m256i p = dot_s8(wg.w, _mm256_loadu_si256((const __m256i *)((const int8_t *)x->q + 32 * xj)));
-        const __m256 scale = two_scales ? _mm256_set_m128(_mm_set1_ps(wg.scale1 * dx), _mm_set1_ps(wg.scale0 * dx))
-                                        : _mm256_set1_ps(wg.scale0 * dx);
-        return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc);
-    }
-    __m256i lo, hi;
-    dot_s16(wg.w, (const int16_t *)x->q + 32 * xj, &lo, &hi);
-    if (!two_scales) return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi)), _mm256_set1_ps(wg.scale0 * dx), acc);
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_set1_ps(wg.scale0 * dx), acc);
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_set1_ps(wg.scale1 * dx), acc);
-}
-
-/* y[m, n] for rows n0 <= n < n1 against `rows` quantised x rows (a constant where inlined: registers). */
-/* Four accumulators per row, taken in turn by consecutive groups: one chain of dependent FMAs would bound a
- * decode row by the FMA latency (4 cycles a group), not by memory. */
-#define DEFINE_INT(name, QK, BYTES, TWO_SCALES, HAS_MIN)                                                      \
-    static inline __attribute__((always_inline)) void int_step_##name(                                        \
-        const uint8_t *row, int64_t K, const q_rows *x, int64_t m0, const int rows, const int bits, int64_t b,   \
-        int g, int slot, __m256 (*acc)[4], float (*corr)[4]) {                                               \
-        const i8_group wg = i8_##name(row + b * BYTES, g);                                                  \
-        for (int r = 0; r < rows; r++) {                                                                    \
-            const int64_t xj = (m0 + r) * (K / 32) + b * (QK / 32) + g;                                     \
-            acc[r][slot] = int_group(wg, x, xj, bits, TWO_SCALES, acc[r][slot]);                            \
-            if (HAS_MIN) corr[r][slot] += wg.min * x->sum[xj];                                              \
-        }                                                                                                   \
-    }                                                                                                       \
-    static inline __attribute__((always_inline)) void int_rows_##name(                                       \
-        const uint8_t *row, int64_t K, const q_rows *x, int64_t m0, const int rows, const int bits, float *out) { \
-        __m256 acc[MAX_ROWS][4];                                                                            \
-        float corr[MAX_ROWS][4];                                                                            \
-        for (int r = 0; r < rows; r++)                                                                      \
-            for (int s = 0; s < 4; s++) { acc[r][s] = _mm256_setzero_ps(); corr[r][s] = 0.0f; }             \
-        const int64_t blocks = K / QK;                                                                      \
-        int64_t b = 0;                                                                                      \
-        for (; b + 2 <= blocks; b += 2) { /* two blocks a pass, so that even 32-weight blocks rotate slots */ \
-            _Pragma("GCC unroll 16") for (int h = 0; h < 2 * (QK / 32); h++)                                \
-                int_step_##name(row, K, x, m0, rows, bits, b + h / (QK / 32), h % (QK / 32), h & 3, acc, corr); \
-        }                                                                                                   \
-        if (b < blocks) {                                                                                   \
-            _Pragma("GCC unroll 8") for (int g = 0; g < QK / 32; g++)                                       \
-                int_step_##name(row, K, x, m0, rows, bits, b, g, g & 3, acc, corr);                         \
-        }                                                                                                   \
-        for (int r = 0; r < rows; r++) {                                                                    \
-            const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3])); \
-            out[r] = hsum_ps(sum) + ((corr[r][0] + corr[r][1]) + (corr[r][2] + corr[r][3]));                 \
-        }                                                                                                   \
-    }                                                                                                       \
-    static void matmul_int_##name(const uint8_t *w, int64_t row_bytes, int64_t K, const q_rows *x, int bits,   \
-                                  int64_t M, float *y, int64_t N, int64_t n0, int64_t n1) {                 \
-        float out[MAX_ROWS];                                                                                \
-        for (int64_t n = n0; n < n1; n++) {                                                                 \
-            const uint8_t *row = w + n * row_bytes;                                                         \
-            if (M == 1) { /* decode: constant arguments, so each case compiles to its own register loop */  \
-                if (bits == 8)                                                                              \
-                    int_rows_##name(row, K, x, 0, 1, 8, out);                                               \
-                else                                                                                        \
-                    int_rows_##name(row, K, x, 0, 1, 16, out);                                              \
-                y[n] = out[0];                                                                              \
-                continue;                                                                                   \
-            }                                                                                               \
-            for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {                                                  \
-                const int rows = (int)(M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS);                              \
-                int_rows_##name(row, K, x, m0, rows, bits, out);                                            \
-                for (int r = 0; r < rows; r++) y[(m0 + r) * N + n] = out[r];                                \
-            }                                                                                               \
-        }                                                                                                   \
-    }
-
-DEFINE_INT(q4_0, 32, 18, 0, 0)
-DEFINE_INT(q4_1, 32, 20, 0, 1)
-DEFINE_INT(q5_0, 32, 22, 0, 0)
-DEFINE_INT(q5_1, 32, 24, 0, 1)
-DEFINE_INT(q8_0, 32, 34, 0, 0)
-DEFINE_INT(q4_k, 256, 144, 0, 1)
-DEFINE_INT(q5_k, 256, 176, 0, 1)
-DEFINE_INT(q6_k, 256, 210, 1, 0)
 
 /* Decode (one x row) of the 32-weight formats whose group is one fp16 scale d and 32 codes, eight groups a pass.
  * Per group only the integer dot product runs (the codes as they sit in the block: Q4_0's unsigned nibbles, its
@@ -586,7 +441,7 @@ static inline __m256i dpbusd(__m256i u, __m256i s) { /* 8 sums of 4 (unsigned by
     return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
 #elif defined(__AVXVNNI__)
     return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
-#else /* u <= 15 here, so the int16 pair sums of maddubs cannot saturate */
+#else /* u <= 31 here (4- and 5-bit codes), so the int16 pair sums of maddubs cannot saturate */
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 #endif
 }
@@ -611,6 +466,22 @@ static inline __m256i dot16_q8_0(const uint8_t *b, const int16_t *x) {
 
 static inline __m256i dot8_q8_0(const uint8_t *b, const int8_t *x) { return dot_s8(load256(b + 2), load256(x)); }
 
+static inline __m256i dot16_bytes(__m256i codes, const int16_t *x) { /* 32 unsigned byte codes */
+    return dot16_words(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(codes)),
+                       _mm256_cvtepu8_epi16(_mm256_extracti128_si256(codes, 1)), x);
+}
+
+static inline __m256i dot16_q4_1(const uint8_t *b, const int16_t *x) {
+    const __m256i raw = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(b + 4)));
+    return dot16_words(_mm256_and_si256(raw, _mm256_set1_epi16(15)), _mm256_srli_epi16(raw, 4), x);
+}
+
+static inline __m256i dot8_q4_1(const uint8_t *b, const int8_t *x) { return dpbusd(nibbles_32(b + 4), load256(x)); }
+static inline __m256i dot16_q5_0(const uint8_t *b, const int16_t *x) { return dot16_bytes(q5_0_codes(b), x); }
+static inline __m256i dot8_q5_0(const uint8_t *b, const int8_t *x) { return dpbusd(q5_0_codes(b), load256(x)); }
+static inline __m256i dot16_q5_1(const uint8_t *b, const int16_t *x) { return dot16_bytes(q5_1_codes(b), x); }
+static inline __m256i dot8_q5_1(const uint8_t *b, const int8_t *x) { return dpbusd(q5_1_codes(b), load256(x)); }
+
 static inline __m256i lane_sums8(const __m256i p[8]) { /* lane i = the sum of p[i]'s eight lanes */
     const __m256i a = _mm256_hadd_epi32(p[0], p[1]), b = _mm256_hadd_epi32(p[2], p[3]);
     const __m256i c = _mm256_hadd_epi32(p[4], p[5]), d = _mm256_hadd_epi32(p[6], p[7]);
@@ -622,6 +493,11 @@ static inline int32_t lane_sum(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
     return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1)));
+}
+
+static inline __m256 halves8(__m256i words) { /* the low fp16 of eight 32-bit lanes */
+    const __m256i low = _mm256_and_si256(words, _mm256_set1_epi32(0xffff));
+    return _mm256_cvtph_ps(_mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(low, low), 0x08)));
 }
 
 static inline __m256 scales8(const uint8_t *b, int bytes) { /* the fp16 d at the start of eight blocks */
@@ -636,15 +512,21 @@ static inline __m256 scales8(const uint8_t *b, int bytes) { /* the fp16 d at the
     }
 #endif
     const __m256i at = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bytes));
-    const __m256i words = _mm256_and_si256(_mm256_i32gather_epi32((const int *)b, at, 1), _mm256_set1_epi32(0xffff));
-    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(words, words), 0x08);
-    return _mm256_cvtph_ps(_mm256_castsi256_si128(packed));
+    return halves8(_mm256_i32gather_epi32((const int *)b, at, 1));
 }
 
-/* One row of W · x, x one row of codes; OFFSET is subtracted from every stored code. */
-#define DEFINE_GEMV(name, BYTES, OFFSET)                                                                         \
+static inline void scales_mins8(const uint8_t *b, int bytes, __m256 *d, __m256 *m) { /* fp16 d, m of 8 blocks */
+    const __m256i at = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bytes));
+    const __m256i words = _mm256_i32gather_epi32((const int *)b, at, 1); /* d | m << 16 */
+    *d = halves8(words);
+    *m = halves8(_mm256_srli_epi32(words, 16));
+}
+
+/* One row of W · x, x one row of codes: weight = d * (code - OFFSET), or d * code + m with HAS_MIN (fp16 d, m at
+ * the start of the block). */
+#define DEFINE_GEMV(name, BYTES, OFFSET, HAS_MIN)                                                                \
     static inline __attribute__((always_inline)) float gemv_row_##name(const uint8_t *row, int64_t groups,      \
-                                                                       const q_rows *x, const int bits) {        \
+                                                                       const q_row *x, const int bits) {        \
         __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};                                          \
         int64_t g = 0;                                                                                          \
         for (; g + 8 <= groups; g += 8) {                                                                       \
@@ -655,14 +537,21 @@ static inline __m256 scales8(const uint8_t *b, int bytes) { /* the fp16 d at the
             __m256i sums = lane_sums8(p);                                                                       \
             if (OFFSET) sums = _mm256_sub_epi32(sums, _mm256_mullo_epi32(load256(x->isum + g),                 \
                                                                          _mm256_set1_epi32(OFFSET)));           \
-            const __m256 scale = _mm256_mul_ps(scales8(row + g * BYTES, BYTES), _mm256_loadu_ps(x->d + g));     \
+            __m256 d, m;                                                                                        \
+            if (HAS_MIN) /* m * sum x, with x's quantised sums (x->sum: d_x * sum of codes) */                  \
+                scales_mins8(row + g * BYTES, BYTES, &d, &m);                                                   \
+            else                                                                                                \
+                d = scales8(row + g * BYTES, BYTES);                                                            \
+            const __m256 scale = _mm256_mul_ps(d, _mm256_loadu_ps(x->d + g));                                   \
             acc[(g >> 3) & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[(g >> 3) & 1]);           \
+            if (HAS_MIN) acc[1] = _mm256_fmadd_ps(m, _mm256_loadu_ps(x->sum + g), acc[1]);                       \
         }                                                                                                       \
         float sum = hsum_ps(_mm256_add_ps(acc[0], acc[1]));                                                    \
         for (; g < groups; g++) {                                                                               \
             const __m256i p = bits == 8 ? dot8_##name(row + g * BYTES, (const int8_t *)x->q + 32 * g)           \
                                         : dot16_##name(row + g * BYTES, (const int16_t *)x->q + 32 * g);        \
             sum += read_fp16(row + g * BYTES) * x->d[g] * (float)(lane_sum(p) - OFFSET * x->isum[g]);           \
+            if (HAS_MIN) sum += read_fp16(row + g * BYTES + 2) * x->sum[g];                                     \
         }                                                                                                       \
         return sum;                                                                                             \
     }
@@ -695,17 +584,12 @@ static inline void scales_mins_k4(const uint8_t *q, __m256 *scales, __m256 *mins
 }
 
 /* Q5_K: Q4_K's layout with a fifth bit per weight (qh) before the nibbles; codes 0-31 as unsigned bytes. */
-static inline __m256i dot16_q5_k(const uint8_t *b, int g, const int16_t *x) {
-    const __m256i codes = i8_q5_k(b, g).w;
-    return dot16_words(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(codes)),
-                       _mm256_cvtepu8_epi16(_mm256_extracti128_si256(codes, 1)), x);
-}
-
-static inline __m256i dot8_q5_k(const uint8_t *b, int g, const int8_t *x) { return dpbusd(i8_q5_k(b, g).w, load256(x)); }
+static inline __m256i dot16_q5_k(const uint8_t *b, int g, const int16_t *x) { return dot16_bytes(q5_k_codes(b, g), x); }
+static inline __m256i dot8_q5_k(const uint8_t *b, int g, const int8_t *x) { return dpbusd(q5_k_codes(b, g), load256(x)); }
 
 #define DEFINE_GEMV_K(name, BYTES) /* the K-quants of eight 32-weight groups with 6-bit scales and minimums */  \
     static inline __attribute__((always_inline)) float gemv_row_##name(const uint8_t *row, int64_t groups,      \
-                                                                       const q_rows *x, const int bits) {        \
+                                                                       const q_row *x, const int bits) {        \
         __m256 acc = _mm256_setzero_ps(), corr = _mm256_setzero_ps();                                          \
         for (int64_t g = 0; g < groups; g += 8) {                                                               \
             const uint8_t *b = row + g / 8 * BYTES;                                                             \
@@ -728,7 +612,7 @@ DEFINE_GEMV_K(q4_k, 144)
 DEFINE_GEMV_K(q5_k, 176)
 
 /* Q6_K: sixteen 16-weight sub-blocks with int8 scales, codes q - 32 (int16 here, signed bytes for int8 x). */
-static inline __m256i q6_k_codes(const uint8_t *b, int g) { /* 32 signed bytes q - 32 of group g (i8_q6_k's) */
+static inline __m256i q6_k_codes(const uint8_t *b, int g) { /* 32 signed bytes q - 32 of group g */
     const int half = g / 4, quarter = g % 4;
     const __m256i low = shifted_nibbles(b + 64 * half + 32 * (quarter & 1), 4 * (quarter >> 1));
     const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * half));
@@ -738,7 +622,7 @@ static inline __m256i q6_k_codes(const uint8_t *b, int g) { /* 32 signed bytes q
 }
 
 static inline __attribute__((always_inline)) float gemv_row_q6_k(const uint8_t *row, int64_t groups,
-                                                                 const q_rows *x, const int bits) {
+                                                                 const q_row *x, const int bits) {
     __m256 acc = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; g += 8) {
         const uint8_t *b = row + g / 8 * 210;
@@ -781,30 +665,32 @@ static inline __attribute__((always_inline)) float gemv_row_q6_k(const uint8_t *
 
 /* y[n] for rows n0 <= n < n1, the int8 and int16 cases compiled apart (the row functions are inlined). */
 #define DEFINE_GEMV_ROWS(name)                                                                                   \
-    static void gemv_##name(const uint8_t *w, int64_t row_bytes, int64_t K, const q_rows *x, int bits,          \
+    static void gemv_##name(const uint8_t *w, int64_t row_bytes, int64_t K, const q_row *x, int bits,          \
                             float *y, int64_t n0, int64_t n1) {                                                 \
         for (int64_t n = n0; n < n1; n++)                                                                       \
             y[n] = bits == 8 ? gemv_row_##name(w + n * row_bytes, K / 32, x, 8)                                 \
                              : gemv_row_##name(w + n * row_bytes, K / 32, x, 16);                               \
     }
 
-DEFINE_GEMV(q4_0, 18, 8)
-DEFINE_GEMV(q8_0, 34, 0)
+DEFINE_GEMV(q4_0, 18, 8, 0)
+DEFINE_GEMV(q4_1, 20, 0, 1)
+DEFINE_GEMV(q5_0, 22, 16, 0)
+DEFINE_GEMV(q5_1, 24, 0, 1)
+DEFINE_GEMV(q8_0, 34, 0, 0)
 DEFINE_GEMV_ROWS(q4_0)
+DEFINE_GEMV_ROWS(q4_1)
+DEFINE_GEMV_ROWS(q5_0)
+DEFINE_GEMV_ROWS(q5_1)
 DEFINE_GEMV_ROWS(q8_0)
 DEFINE_GEMV_ROWS(q4_k)
 DEFINE_GEMV_ROWS(q5_k)
 DEFINE_GEMV_ROWS(q6_k)
 #define GEMV(name) gemv_##name
-#define INT(name) matmul_int_##name
 #else
-#define INT(name) 0
 #define GEMV(name) 0
 #endif
 
-typedef void (*int_gemv_fn)(const uint8_t *, int64_t, int64_t, const q_rows *, int, float *, int64_t, int64_t);
-typedef void (*int_matmul_fn)(const uint8_t *, int64_t, int64_t, const q_rows *, int, int64_t, float *, int64_t,
-                              int64_t, int64_t);
+typedef void (*int_gemv_fn)(const uint8_t *, int64_t, int64_t, const q_row *, int, float *, int64_t, int64_t);
 
 typedef void (*matmul_fn)(const uint8_t *, int64_t, int64_t, const float *, int64_t, float *, int64_t, int64_t,
                           int64_t);
@@ -814,22 +700,21 @@ typedef struct {
     int type, block, bytes;
     matmul_fn matmul;
     rows_fn rows;
-    int_matmul_fn matmul_int; /* int8 / int16 activations; 0 where the format or the CPU has none */
-    int_gemv_fn gemv_int;     /* the same for one x row, eight groups a pass; 0 where matmul_int serves it */
+    int_gemv_fn gemv_int; /* one x row with int8 / int16 activations; 0 where the format or the CPU has none */
 } kernel_t;
 
 static const kernel_t KERNELS[] = {
-    {F32, 32, 128, matmul_f32, rows_f32, 0, 0},
-    {F16, 32, 64, matmul_f16, rows_f16, 0, 0},
-    {BF16, 32, 64, matmul_bf16, rows_bf16, 0, 0},
-    {Q4_0, 32, 18, matmul_q4_0, rows_q4_0, INT(q4_0), GEMV(q4_0)},
-    {Q4_1, 32, 20, matmul_q4_1, rows_q4_1, INT(q4_1), 0},
-    {Q5_0, 32, 22, matmul_q5_0, rows_q5_0, INT(q5_0), 0},
-    {Q5_1, 32, 24, matmul_q5_1, rows_q5_1, INT(q5_1), 0},
-    {Q8_0, 32, 34, matmul_q8_0, rows_q8_0, INT(q8_0), GEMV(q8_0)},
-    {Q4_K, 256, 144, matmul_q4_k, rows_q4_k, INT(q4_k), GEMV(q4_k)},
-    {Q5_K, 256, 176, matmul_q5_k, rows_q5_k, INT(q5_k), GEMV(q5_k)},
-    {Q6_K, 256, 210, matmul_q6_k, rows_q6_k, INT(q6_k), GEMV(q6_k)},
+    {F32, 32, 128, matmul_f32, rows_f32, 0},
+    {F16, 32, 64, matmul_f16, rows_f16, 0},
+    {BF16, 32, 64, matmul_bf16, rows_bf16, 0},
+    {Q4_0, 32, 18, matmul_q4_0, rows_q4_0, GEMV(q4_0)},
+    {Q4_1, 32, 20, matmul_q4_1, rows_q4_1, GEMV(q4_1)},
+    {Q5_0, 32, 22, matmul_q5_0, rows_q5_0, GEMV(q5_0)},
+    {Q5_1, 32, 24, matmul_q5_1, rows_q5_1, GEMV(q5_1)},
+    {Q8_0, 32, 34, matmul_q8_0, rows_q8_0, GEMV(q8_0)},
+    {Q4_K, 256, 144, matmul_q4_k, rows_q4_k, GEMV(q4_k)},
+    {Q5_K, 256, 176, matmul_q5_k, rows_q5_k, GEMV(q5_k)},
+    {Q6_K, 256, 210, matmul_q6_k, rows_q6_k, GEMV(q6_k)},
 };
 
 static int is_float(int type) { return type == F32 || type == F16 || type == BF16; } /* rows of any length */
@@ -875,29 +760,32 @@ static void chunk(int64_t total, int parts, int i, int64_t align, int64_t *lo, i
 /* Whether ggml `type` has the integer-activation kernels on this build (x86 with AVX2 and FMA). */
 int kiln_has_integer_path(int type) {
     const kernel_t *k = find(type);
-    return k && k->matmul_int;
+    return k && k->gemv_int;
 }
 
-/* y (M, N) = x (M, K) · W (N, K)ᵀ, W rows of `row_bytes` ggml blocks. With `activation_bits` 8 or 16 and a format that
- * has the integer kernel, x is first quantised per 32 values to int8 (ggml's Q8_0, as llama.cpp's CPU backend does)
- * or int16; with 32 (or no integer kernel) the products are float32. -1 for an unsupported type or K, -2 when
- * scratch memory ran out, else 0. */
+/* y (M, N) = x (M, K) · W (N, K)ᵀ, W rows of `row_bytes` ggml blocks. One x row (a decode step) with
+ * `activation_bits` 8 or 16 and a format that has the integer kernel is first quantised per 32 values to int8
+ * (ggml's Q8_0, as llama.cpp's CPU backend does) or int16; otherwise the products are float32. Several x rows
+ * always take float32 products: each dequantised group then serves up to MAX_ROWS rows from registers, which
+ * measured as fast as the per-group integer kernels this replaced (8192x2048 on 2 threads, 8 rows: Q4_0 3.9 ms
+ * against 4.0, Q4_K 4.2 against 7.3) and is exact. -1 for an unsupported type or K, -2 when scratch memory ran
+ * out, else 0. */
 int kiln_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K, const float *x, int64_t M,
                 float *y, int threads, int activation_bits) {
     const kernel_t *k = find(type);
     if (!k || (K % k->block && !is_float(type))) return -1;
     if (threads < 1) threads = 1;
     if (N < 64 * threads) threads = 1; /* a thread team costs more than tiny matrices */
-    q_rows xq = {0, 0, 0, 0};
-    const int bits = (activation_bits == 8 || activation_bits == 16) && k->matmul_int ? activation_bits : 32;
+    q_row xq = {0, 0, 0, 0};
+    const int bits = (activation_bits == 8 || activation_bits == 16) && k->gemv_int && M == 1 ? activation_bits : 32;
     if (bits != 32) {
-        char *scratch = malloc((size_t)(M * K) * (bits / 8) + 3 * sizeof(float) * (size_t)(M * K / 32));
+        char *scratch = malloc((size_t)K * (bits / 8) + 3 * sizeof(float) * (size_t)(K / 32));
         if (!scratch) return -2;
         xq.d = (float *)scratch;
-        xq.sum = xq.d + M * K / 32;
-        xq.isum = (int32_t *)(xq.sum + M * K / 32);
-        xq.q = xq.isum + M * K / 32;
-        quantize_rows(x, M, K, bits, &xq);
+        xq.sum = xq.d + K / 32;
+        xq.isum = (int32_t *)(xq.sum + K / 32);
+        xq.q = xq.isum + K / 32;
+        quantize_row(x, K, bits, &xq);
     }
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
@@ -906,10 +794,8 @@ int kiln_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t N, int64_
         int64_t lo, hi;
         chunk(N, threads, t, 16, &lo, &hi);
         if (lo >= hi) continue;
-        if (bits != 32 && M == 1 && k->gemv_int)
+        if (bits != 32)
             k->gemv_int(w, row_bytes, K, &xq, bits, y, lo, hi);
-        else if (bits != 32)
-            k->matmul_int(w, row_bytes, K, &xq, bits, M, y, N, lo, hi);
         else
             k->matmul(w, row_bytes, K, x, M, y, N, lo, hi);
     }

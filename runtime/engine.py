@@ -135,10 +135,10 @@ class Engine:
         the embedding and output (C kernels built at first use, runtime.models.quantized_linear); False dequantises
         them at load. `threads` (default: the physical cores) is what the CPU kernels use; given explicitly it is
         also torch's intra-op thread count while this engine generates (torch's setting is process-wide: it is set
-        when a generation starts and restored when it ends). `cpu_activations` is how decode multiplies block formats
-        on the CPU (kernels.cpu.CpuOptions): 'i16' (default) quantises a matmul's input per 32 values to int16
-        (outputs within ~2e-5 of float32's, 2-3x faster), 'i8' to int8 as llama.cpp does, 'f32' keeps the
-        dequantised model's float32 products.
+        when a generation starts and restored when it ends). `cpu_activations` is how a decode step of one sequence
+        multiplies block formats on the CPU (kernels.cpu.CpuOptions): 'i16' (default) quantises a matmul's input per
+        32 values to int16 (outputs within ~2e-5 of float32's, ~2x faster), 'i8' to int8 as llama.cpp does, 'f32'
+        keeps the dequantised model's float32 products; batches and prompts always take float32 products.
         `kv_type` sets the KV cache's element type for keys and values ('f16', 'bf16', 'f32', 'q8_0', 'q4_0';
         None: the model's dtype), `k_type` / `v_type` each side (as llama.cpp's --cache-type-k / -v);
         `kv_rotation` Hadamard-rotates quantized keys and values (on by default). `paged_kv` keeps the cache in
