@@ -60,7 +60,7 @@ def test_packed_weights_take_the_files_bytes(gguf_file):
 
 def test_loading_builds_the_model_without_torch_compile_machinery(demo_gguf):
     """Modules are built on the meta device without their random init (runtime.models.on_meta): torch's meta
-    kernels of normal_ / uniform_ import torch._dynamo and sympy, ~150 MiB of resident memory for a CPU app."""
+    kernels of normal_ / uniform_ import torch._dynamo and sympy, ~70 MiB of resident memory for a CPU app."""
     import subprocess
     import sys
 
